@@ -1,0 +1,1 @@
+"""Model-family adapters; each file registers one with ``@register_adapter``."""

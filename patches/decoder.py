@@ -1,0 +1,216 @@
+"""Layer stages inside a Llama/Qwen2-style decoder, executed with forward pre-hooks.
+
+The language model computes ``(cos, sin)``, ``position_ids`` and the causal mask once and
+hands the same objects to every layer. To drop tokens before layer ``i`` a pre-hook on that
+layer gathers the surviving rows of ``hidden_states``; every later layer's pre-hook then
+swaps in the gathered ``(cos, sin)``, ``position_ids`` and mask (computed once per stage,
+not per layer). In decode steps each layer's cache holds its own length, so a
+materialized mask gets its key columns re-indexed per layer, and under ``compact``
+positions the new token's RoPE position is shifted by what that layer dropped.
+
+Nothing here names a model class: the layers are duck-typed (``input_layernorm``,
+``self_attn.q_proj``/``k_proj``), which Llama, Qwen2, Mistral and their kin share.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vtc import ops
+from vtc.errors import UnsupportedConfigurationError
+from vtc.plan import Stage
+
+LAYER_KWARGS = ("attention_mask", "position_ids", "cache", "position_embeddings")
+
+
+def check_layer_signature(layer: nn.Module) -> None:
+    """Refuse a decoder layer whose forward no longer takes the arguments the hooks rewrite."""
+    params = inspect.signature(layer.forward).parameters
+    missing = [p for p in ("hidden_states", *LAYER_KWARGS) if p not in params]
+    if missing:
+        raise UnsupportedConfigurationError(
+            f"{type(layer).__name__}.forward has no parameter(s) {missing}: this transformers version "
+            f"changed the decoder layer interface vtc hooks into; install a supported transformers "
+            f"(see vtc.MIN_TRANSFORMERS) or report it"
+        )
+
+
+@dataclass
+class SequenceState:
+    """Where the visual tokens are in the LLM's input sequence, and what survives so far.
+
+    Built at prefill by the adapter; updated by each layer stage. ``rows`` holds, for the
+    current sequence, each row's index in the LLM's prefill input (length ``length``);
+    ``image_of`` the image index of a row (``-1`` for text); ``key_valid`` the padding mask;
+    ``kept`` each stage's surviving grid indices per image, ``[B, images, k]``.
+    """
+
+    rows: torch.Tensor
+    image_of: torch.Tensor
+    key_valid: torch.Tensor
+    length: int
+    num_images: int
+    # Replacements handed to every layer after the latest stage (None until a stage runs).
+    overrides: dict = field(default_factory=dict)
+    # Each image row's index in its image's grid (``-1`` for text), for reporting what is kept.
+    grid_of: torch.Tensor | None = None
+    # For decode: the rows each layer kept, and by how much compact stages moved positions.
+    layer_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_shift: dict[int, int] = field(default_factory=dict)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def select_per_image(
+    scores: torch.Tensor, image_of: torch.Tensor, num_images: int, keep: int
+) -> torch.Tensor:
+    """Rows to keep: every text row, and the ``keep`` best-scored rows of each image.
+
+    ``scores`` and ``image_of`` are ``[B, n]``; returns sorted row indices ``[B, n']``.
+
+    Example:
+        >>> select_per_image(torch.tensor([[0., .1, .9, .5, .2]]), torch.tensor([[-1, 0, 0, 0, -1]]), 1, 2)
+        tensor([[0, 2, 3, 4]])
+    """
+    parts = [(image_of < 0).nonzero()[:, 1].view(scores.shape[0], -1)]
+    for img in range(num_images):
+        mine = image_of == img
+        if keep >= int(mine[0].sum()):
+            parts.append(mine.nonzero()[:, 1].view(scores.shape[0], -1))
+        else:
+            parts.append(ops.topk_keep(scores, keep, valid=mine))
+    return torch.cat(parts, dim=1).sort(dim=1).values
+
+
+def gather_mask(mask: torch.Tensor | None, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor | None:
+    """Gather a 2-D ``[B, K]`` or 4-D ``[B, 1, Q, K]`` attention mask to the given query rows and key columns."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return ops.gather_tokens(mask, cols, dim=1)
+    if rows is not None:
+        mask = ops.gather_tokens(mask, rows, dim=2)
+    return ops.gather_tokens(mask, cols, dim=3)
+
+
+class LayerStages:
+    """Installs the layer stages of a plan as forward pre-hooks on decoder layers.
+
+    ``layers`` are the decoder layers, ``rotary`` the language model's rotary embedding module
+    (``rotary(x, position_ids) -> (cos, sin)``), ``state`` a callable returning the current
+    :class:`SequenceState` (or None when the forward has no image).
+    """
+
+    def __init__(
+        self,
+        layers: nn.ModuleList,
+        rotary: nn.Module,
+        stages: tuple[Stage, ...],
+        state: Callable[[], SequenceState | None],
+        decoding: Callable[[], dict | None],
+    ) -> None:
+        self.layers, self.rotary, self.stages = layers, rotary, stages
+        self.state, self.decoding = state, decoding
+        self.by_layer = {s.layer: s for s in stages}
+        self.score_layers = {s.scorer.layers[0]: s.layer for s in stages if s.scorer.kind == "query_attention"}
+        self.first = min([*self.by_layer, *self.score_layers]) if stages else len(layers)
+        self.handles: list = []
+
+    def install(self) -> None:
+        for i, layer in enumerate(self.layers):
+            if i >= self.first:
+                check_layer_signature(layer)
+                self.handles.append(layer.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs):
+            step = self.decoding()
+            if step is not None:
+                return self._decode(index, args, kwargs, step)
+            state = self.state()
+            if state is None:
+                return None
+            return self._prefill(module, index, args, kwargs, state)
+
+        return hook
+
+    def _prefill(self, module, index, args, kwargs, state: SequenceState):
+        if "position_embeddings" not in kwargs:
+            raise UnsupportedConfigurationError(
+                f"decoder layer {index} was called without `position_embeddings`: the language model's "
+                f"forward changed; vtc cannot place its layer stages"
+            )
+        kwargs.update(state.overrides)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden_len = hidden.shape[1]
+        if index in self.score_layers:
+            state.scores[self.score_layers[index]] = ops.query_attention(
+                module, hidden, kwargs["position_embeddings"], key_mask=state.key_valid
+            )
+        stage = self.by_layer.get(index)
+        if stage is None:
+            return args, kwargs
+        keep = select_per_image(state.scores.pop(index), state.image_of, state.num_images, stage.keep)
+        hidden = ops.gather_tokens(hidden, keep)
+        state.rows = ops.gather_tokens(state.rows, keep)
+        state.image_of = ops.gather_tokens(state.image_of, keep)
+        state.key_valid = ops.gather_tokens(state.key_valid, keep)
+        grid = ops.gather_tokens(state.grid_of, state.rows)
+        state.kept[stage.where] = grid[state.image_of >= 0].view(keep.shape[0], state.num_images, -1)
+        pos = ops.gather_tokens(kwargs["position_ids"], keep)
+        compact = stage.positions == "compact"
+        if compact:
+            # Re-index survivors contiguously: each row moves back by the rows this stage
+            # dropped before it (earlier stages' drops are already in the positions).
+            pos = pos - (keep - torch.arange(keep.shape[1], device=keep.device))
+            cos, sin = self.rotary(hidden, pos)
+        else:
+            cos, sin = (ops.gather_tokens(t, keep) for t in kwargs["position_embeddings"])
+        mask = kwargs.get("attention_mask")
+        state.overrides = {
+            "position_embeddings": (cos, sin),
+            "position_ids": pos,
+            "attention_mask": gather_mask(mask, keep, keep) if mask is not None and mask.dim() == 4
+            else gather_mask(mask, None, keep),
+        }
+        kwargs.update(state.overrides)
+        shift = state.layer_shift.get(index, 0) + (hidden_len - keep.shape[1] if compact else 0)
+        for later in range(index, len(self.layers)):
+            state.layer_rows[later] = state.rows
+            state.layer_shift[later] = shift
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _decode(self, index, args, kwargs, step: dict):
+        state: SequenceState | None = step.get("state")
+        if state is None or index not in state.layer_rows:
+            return None
+        rows = state.layer_rows[index]
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            total = mask.shape[-1]
+            new = torch.arange(state.length, total, device=rows.device).expand(rows.shape[0], -1)
+            kwargs["attention_mask"] = gather_mask(mask, None, torch.cat([rows, new], dim=1))
+        shift = state.layer_shift[index]
+        if shift:
+            # Under compact positions a new token sits right after this layer's survivors.
+            cached = step.setdefault("rope", {})
+            if shift not in cached:
+                pos = kwargs["position_ids"] - shift
+                hidden = args[0] if args else kwargs["hidden_states"]
+                cached[shift] = (pos, self.rotary(hidden, pos))
+            kwargs["position_ids"], kwargs["position_embeddings"] = cached[shift]
+        return args, kwargs

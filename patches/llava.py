@@ -1,0 +1,95 @@
+"""Adapter for LLaVA-1.5-style models (``LlavaForConditionalGeneration``): a CLIP-like tower,
+a projector, and a Llama/Qwen2/Mistral-style language model."""
+
+from __future__ import annotations
+
+import torch
+
+from vtc.plan import ModelInfo
+from vtc.registry import register_adapter
+
+from .base import Adapter
+
+
+def feature_layer_index(feature_layer: int, num_layers: int) -> int:
+    """0-based index of the vision layer whose output ``hidden_states[feature_layer]`` is.
+
+    ``hidden_states`` holds the embeddings then each layer's output, so entry ``i`` is the
+    output of layer ``i - 1``.
+
+    Example:
+        >>> feature_layer_index(-2, 24)
+        22
+    """
+    entry = feature_layer % (num_layers + 1)
+    return entry - 1
+
+
+@register_adapter
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5 family: each image is one run of ``image_token_id`` placeholders."""
+
+    family = "llava"
+    class_names = ("LlavaForConditionalGeneration",)
+    model_types = ("llava",)
+
+    def base(self):
+        return self.model.model
+
+    def _tower(self):
+        return self.model.model.vision_tower
+
+    def decoder_layers(self):
+        return self.model.model.language_model.layers
+
+    def rotary(self):
+        return self.model.model.language_model.rotary_emb
+
+    def vision_attention(self, layer: int):
+        return self._tower().encoder.layers[layer].self_attn
+
+    def _feature_layer(self) -> int:
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            layer = max(layer, key=lambda i: i % (self._tower().config.num_hidden_layers + 1))
+        return layer
+
+    def info(self) -> ModelInfo:
+        cfg, tcfg = self.model.config, self.model.config.text_config
+        vcfg = cfg.vision_config
+        patches = (vcfg.image_size // vcfg.patch_size) ** 2
+        strategy = cfg.vision_feature_select_strategy
+        return ModelInfo(
+            family=self.family,
+            image_tokens=patches + (1 if strategy == "full" else 0),
+            num_layers=tcfg.num_hidden_layers,
+            vision_layers=vcfg.num_hidden_layers,
+            vision_feature_layer=feature_layer_index(self._feature_layer(), vcfg.num_hidden_layers),
+            has_cls=True,
+            hidden_size=tcfg.hidden_size,
+            intermediate_size=tcfg.intermediate_size,
+            num_heads=tcfg.num_attention_heads,
+            num_kv_heads=getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads,
+            head_dim=getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads,
+        )
+
+    def vision_hidden_size(self) -> int:
+        return self.model.config.vision_config.hidden_size
+
+    def encode_images(self, a: dict):
+        # The same call LlavaModel.forward makes when it is given pixel_values.
+        return self.base().get_image_features(
+            pixel_values=a["pixel_values"],
+            vision_feature_layer=a.get("vision_feature_layer"),
+            vision_feature_select_strategy=a.get("vision_feature_select_strategy"),
+            image_sizes=a.get("image_sizes"),
+            return_dict=True,
+            **a.get("kwargs", {}),
+        )
+
+    def patch_scores(self, cls_row: torch.Tensor, arguments: dict) -> torch.Tensor:
+        strategy = arguments.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        if strategy == "default":
+            return cls_row[:, 1:]
+        # "full" keeps the [CLS] token among the features: never drop it.
+        return torch.cat([torch.full_like(cls_row[:, :1], float("inf")), cls_row[:, 1:]], dim=1)

@@ -1,0 +1,519 @@
+#!/usr/bin/env python
+"""Train the toy LLaVA model of ``vtc.eval.toy`` on CPU, resumably, and ship it.
+
+Stages (each checkpointed under ``--work``; rerunning the same command resumes):
+
+1. ``stage1``: a CLIP ViT (transformers ``CLIPVisionModel``) trained from scratch with a
+   multi-label objective on [CLS] (which color-shape pairs are present, on the last and on
+   the feature layer) and a dense per-patch objective (color and shape class incl.
+   background) on the LLaVA feature layer (-2).  Gate: per-patch shape accuracy on object
+   patches > 90% on held-out scenes, else training is extended.  Then frozen.
+2. ``cache``: the frozen tower's layer -2 patch features of the stage-2 scenes (float16).
+3. ``stage2``: 2-layer GELU projector + 8-layer Llama.  First an alignment warm-up (each
+   image token predicts its color and shape word, or ``nothing``, through the tied LM
+   head), then multi-turn question answering (8 questions per image) with the alignment
+   loss kept as an auxiliary.
+4. ``final``: assemble ``LlavaForConditionalGeneration`` + ``LlavaProcessor``,
+   ``save_pretrained`` into ``--model-dir`` and score it with ``generate`` on 500
+   questions of the held-out seed.
+
+Example:
+    nohup .venv/bin/python scripts/train_toy.py >> runs/toy/train.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_toy() -> types.ModuleType:
+    """``vtc.eval.toy``, installed or straight from this checkout."""
+    try:
+        from vtc.eval import toy
+    except ImportError:
+        sys.path.insert(0, str(ROOT))
+        import vtc
+
+        pkg = types.ModuleType("vtc.eval")
+        pkg.__path__ = [str(ROOT / "eval")]
+        sys.modules["vtc.eval"] = pkg
+        vtc.eval = pkg
+        from vtc.eval import toy
+    return toy
+
+
+toy = _import_toy()
+from vtc.eval.toy import build, scenes  # noqa: E402
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+N_PAIRS = len(scenes.COLOR_NAMES) * len(scenes.SHAPES)
+IMAGE_START = 3  # <s> USER : <image>...
+KIND_WEIGHTS = {"color": 0.28, "shape": 0.28, "presence": 0.28, "count": 0.08, "left_of": 0.08}
+
+
+# ----------------------------------------------------------------------------- utils
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def batch_rng(seed: int, tag: str, step: int) -> random.Random:
+    """A deterministic RNG per (stage, step), so a resumed run sees the same batches."""
+    return random.Random(f"{seed}-{tag}-{step}")
+
+
+def pixels(images: list) -> torch.Tensor:
+    """CLIP-normalized ``(B, 3, H, W)`` tensor, identical to the saved processor's output."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    arr = (arr - CLIP_MEAN) / CLIP_STD
+    return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())
+
+
+def pair_targets(scene: scenes.Scene) -> np.ndarray:
+    t = np.zeros(N_PAIRS, dtype=np.float32)
+    for o in scene.objects:
+        t[scenes.COLOR_NAMES.index(o.color) * len(scenes.SHAPES) + scenes.SHAPES.index(o.shape)] = 1
+    return t
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_ckpt(path: Path) -> dict | None:
+    return torch.load(path, weights_only=False) if path.exists() else None
+
+
+# ---------------------------------------------------------------------------- stage 1
+
+
+class Stage1Heads(nn.Module):
+    """Training-only heads on the vision tower: [CLS] pairs (2 layers) + per-patch color/shape."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.cls_last = nn.Linear(width, N_PAIRS)
+        self.cls_feat = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, N_PAIRS))
+        self.norm = nn.LayerNorm(width)
+        self.color = nn.Linear(width, len(scenes.COLOR_NAMES) + 1)
+        self.shape = nn.Linear(width, len(scenes.SHAPES) + 1)
+
+
+def stage1_batch(rng: random.Random, n: int) -> tuple[torch.Tensor, ...]:
+    scs = [scenes.make_scene(rng) for _ in range(n)]
+    labels = [scenes.patch_labels(s) for s in scs]
+    x = pixels([scenes.render(s) for s in scs])
+    colors = torch.from_numpy(np.stack([c for c, _ in labels]))
+    shapes = torch.from_numpy(np.stack([s for _, s in labels]))
+    pairs = torch.from_numpy(np.stack([pair_targets(s) for s in scs]))
+    return x, colors, shapes, pairs
+
+
+def stage1_forward(tower: nn.Module, heads: Stage1Heads, batch: tuple[torch.Tensor, ...]) -> tuple:
+    x, colors, shapes, pairs = batch
+    out = tower(pixel_values=x, output_hidden_states=True)
+    feat = out.hidden_states[-2]
+    patches = heads.norm(feat[:, 1:])
+    c_logits, s_logits = heads.color(patches), heads.shape(patches)
+    # Object patches are the minority: weight them up so shape is learned, not background.
+    w = torch.where(shapes > 0, 3.0, 1.0)
+    dense = (F.cross_entropy(c_logits.transpose(1, 2), colors, reduction="none") * w).mean()
+    dense = dense + (F.cross_entropy(s_logits.transpose(1, 2), shapes, reduction="none") * w).mean()
+    cls = F.binary_cross_entropy_with_logits(heads.cls_last(out.pooler_output), pairs)
+    cls = cls + F.binary_cross_entropy_with_logits(heads.cls_feat(feat[:, 0]), pairs)
+    return dense + cls, c_logits, s_logits
+
+
+@torch.no_grad()
+def stage1_eval(tower: nn.Module, heads: Stage1Heads, seed: int, n: int = 384) -> dict:
+    tower.eval()
+    rng = random.Random(f"{seed}-stage1-val")
+    stats = {"color_obj": [], "shape_obj": [], "bg": [], "pairs": []}
+    for _ in range(n // 32):
+        batch = stage1_batch(rng, 32)
+        _, c_logits, s_logits = stage1_forward(tower, heads, batch)
+        _, colors, shapes, pairs = batch
+        obj = shapes > 0
+        stats["color_obj"].append((c_logits.argmax(-1) == colors)[obj].float().mean().item())
+        stats["shape_obj"].append((s_logits.argmax(-1) == shapes)[obj].float().mean().item())
+        stats["bg"].append((s_logits.argmax(-1) == shapes)[~obj].float().mean().item())
+        out = tower(pixel_values=batch[0])
+        pred = heads.cls_last(out.pooler_output) > 0
+        stats["pairs"].append((pred == (pairs > 0.5)).all(-1).float().mean().item())
+    tower.train()
+    return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+def run_stage1(args: argparse.Namespace, tower: nn.Module) -> dict:
+    path = args.work / "stage1.pt"
+    ck = load_ckpt(path)
+    if ck is not None and ck.get("done"):
+        tower.load_state_dict(ck["tower"])
+        log(f"stage1: done already ({ck['metrics']})")
+        return ck["metrics"]
+    heads = Stage1Heads(tower.config.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr1, weight_decay=0.01)
+    step, total, extensions = 0, args.stage1_steps, 0
+    if ck is not None:
+        tower.load_state_dict(ck["tower"])
+        heads.load_state_dict(ck["heads"])
+        opt.load_state_dict(ck["opt"])
+        step, total, extensions = ck["step"], ck["total"], ck["extensions"]
+        log(f"stage1: resumed at step {step}/{total}")
+    tower.train()
+
+    def snapshot(done: bool = False, metrics: dict | None = None) -> None:
+        save_atomic(
+            {"tower": tower.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(), "step": step,
+             "total": total, "extensions": extensions, "done": done, "metrics": metrics},
+            path,
+        )
+
+    t0, last_save, losses = time.time(), time.time(), []
+    while True:
+        while step < total:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, args.stage1_steps, args.lr1, 50)
+            loss, _, _ = stage1_forward(tower, heads, stage1_batch(batch_rng(args.seed, "s1", step), args.batch1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            losses.append(loss.item())
+            if step % 25 == 0:
+                rate = (time.time() - t0) / len(losses)
+                log(f"stage1 step {step}/{total} loss {np.mean(losses[-25:]):.4f} "
+                    f"{rate:.2f}s/step eta {rate * (total - step) / 60:.1f} min")
+            if step % 200 == 0:
+                log(f"stage1 val {stage1_eval(tower, heads, args.seed, 128)}")
+            if time.time() - last_save > args.save_every:
+                snapshot()
+                last_save = time.time()
+        metrics = stage1_eval(tower, heads, args.seed)
+        log(f"stage1 gate check: {metrics}")
+        if metrics["shape_obj"] > args.gate:
+            break
+        if extensions >= 3:
+            snapshot(metrics=metrics)
+            raise SystemExit("stage1: per-patch shape accuracy stayed <= 90%; not moving on")
+        extensions += 1
+        total += args.stage1_steps // 3
+        log(f"stage1: gate not met, extending to {total} steps")
+    snapshot(done=True, metrics=metrics)
+    log("stage1: done, tower frozen")
+    return metrics
+
+
+# ------------------------------------------------------------------------------ cache
+
+
+@torch.no_grad()
+def run_cache(args: argparse.Namespace, tower: nn.Module) -> dict:
+    path = args.work / "features.pt"
+    if path.exists():
+        cache = torch.load(path, weights_only=False)
+        if cache["n"] == args.n_cache + args.n_val:
+            return cache
+    tower.eval()
+    rng = random.Random(f"{args.seed}-stage2-scenes")
+    n = args.n_cache + args.n_val
+    feats, colors, shapes, all_scenes = [], [], [], []
+    t0 = time.time()
+    for start in range(0, n, 64):
+        scs = [scenes.make_scene(rng) for _ in range(min(64, n - start))]
+        out = tower(pixel_values=pixels([scenes.render(s) for s in scs]), output_hidden_states=True)
+        feats.append(out.hidden_states[-2][:, 1:].to(torch.float16))
+        labels = [scenes.patch_labels(s) for s in scs]
+        colors.append(torch.from_numpy(np.stack([c for c, _ in labels])).to(torch.int8))
+        shapes.append(torch.from_numpy(np.stack([s for _, s in labels])).to(torch.int8))
+        all_scenes.extend(scs)
+        if (start // 64) % 20 == 0:
+            log(f"cache {start + len(scs)}/{n} ({time.time() - t0:.0f}s)")
+    cache = {"n": n, "feats": torch.cat(feats), "colors": torch.cat(colors), "shapes": torch.cat(shapes),
+             "scenes": all_scenes}
+    save_atomic(cache, path)
+    log(f"cache: {n} images in {time.time() - t0:.0f}s")
+    return cache
+
+
+# ---------------------------------------------------------------------------- stage 2
+
+
+class Vocab:
+    """Token ids of the word-level tokenizer, for building training sequences."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.id = {w: tokenizer.convert_tokens_to_ids(w) for w in build.vocabulary()}
+
+    def words(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+
+def build_sequence(v: Vocab, turns: list[tuple[str, str, str]], n_image: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 except answer word and its ``</s>``) of a multi-turn chat.
+
+    Matches ``apply_chat_template`` + the processor's ``<image>`` expansion token for token.
+    """
+    ids = [v.id["<s>"], v.id["USER"], v.id[":"]] + [v.id["<image>"]] * n_image
+    labels = [-100] * len(ids)
+    for i, (question, answer, _kind) in enumerate(turns):
+        head = [] if i == 0 else [v.id["USER"], v.id[":"]]
+        prompt = head + v.words(question) + [v.id["ASSISTANT"], v.id[":"]]
+        ids += prompt + [v.id[answer], v.id["</s>"]]
+        labels += [-100] * len(prompt) + [v.id[answer], v.id["</s>"]]
+    return ids, labels
+
+
+def sample_turns(scene: scenes.Scene, rng: random.Random, n: int, kinds: dict[str, float]) -> list:
+    turns = []
+    names, weights = list(kinds), list(kinds.values())
+    while len(turns) < n:
+        kind = rng.choices(names, weights)[0]
+        if scenes.can_ask(scene, kind):
+            q, a, _ = scenes.ask(scene, kind, rng)
+            turns.append((q, a, kind))
+    return turns
+
+
+def align_targets(v: Vocab, colors: torch.Tensor, shapes: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Soft targets per image token: half color word, half shape word; ``nothing`` for background."""
+    color_ids = torch.tensor([v.id["nothing"]] + [v.id[c] for c in scenes.COLOR_NAMES])
+    shape_ids = torch.tensor([v.id["nothing"]] + [v.id[s] for s in scenes.SHAPES])
+    t = torch.zeros(*colors.shape, vocab_size)
+    t.scatter_add_(-1, color_ids[colors.long()].unsqueeze(-1), torch.full((*colors.shape, 1), 0.5))
+    t.scatter_add_(-1, shape_ids[shapes.long()].unsqueeze(-1), torch.full((*colors.shape, 1), 0.5))
+    return t
+
+
+def make_batch(v: Vocab, cache: dict, idx: list[int], rng: random.Random, turns: int, kinds: dict) -> dict:
+    seqs = [build_sequence(v, sample_turns(cache["scenes"][i], rng, turns, kinds), cache["feats"].shape[1])
+            for i in idx]
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(idx), width), v.id["<pad>"])
+    labels = torch.full((len(idx), width), -100)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for row, (s, lab) in enumerate(seqs):
+        ids[row, : len(s)] = torch.tensor(s)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(s)] = 1
+    return {"ids": ids, "labels": labels, "mask": mask, "feats": cache["feats"][idx].float(),
+            "colors": cache["colors"][idx], "shapes": cache["shapes"][idx]}
+
+
+def stage2_forward(model, v: Vocab, batch: dict, align_layer: int, qa: bool) -> dict:
+    lm = model.model.language_model
+    n_img = batch["feats"].shape[1]
+    embeds = lm.embed_tokens(batch["ids"])
+    img = model.model.multi_modal_projector(batch["feats"])
+    embeds = torch.cat([embeds[:, :IMAGE_START], img, embeds[:, IMAGE_START + n_img :]], 1)
+    out = lm(inputs_embeds=embeds, attention_mask=batch["mask"], output_hidden_states=True)
+    span = slice(IMAGE_START, IMAGE_START + n_img)
+    target = align_targets(v, batch["colors"], batch["shapes"], model.lm_head.out_features)
+    weight = torch.where(batch["shapes"] > 0, 1.0, 0.25)
+    align = 0.0
+    for h in (lm.norm(out.hidden_states[align_layer][:, span]), out.last_hidden_state[:, span]):
+        ce = -(target * F.log_softmax(model.lm_head(h), -1)).sum(-1)
+        align = align + (ce * weight).sum() / weight.sum()
+    result = {"align": align, "loss": align}
+    if qa:
+        logits = model.lm_head(out.last_hidden_state[:, :-1])
+        labels = batch["labels"][:, 1:]
+        result["qa"] = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100)
+        result["loss"] = result["qa"] + args_align_weight * align
+        keep = labels != -100
+        result["pred"], result["gold"] = logits.argmax(-1)[keep], labels[keep]
+    return result
+
+
+args_align_weight = 0.3
+
+
+@torch.no_grad()
+def stage2_eval(model, v: Vocab, cache: dict, args: argparse.Namespace) -> dict:
+    """Teacher-forced single-turn accuracy per kind on the held-out cached images."""
+    model.eval()
+    rng = random.Random(f"{args.seed}-stage2-val")
+    val = list(range(args.n_cache, args.n_cache + args.n_val))
+    hits: dict[str, list[float]] = {}
+    for kind in scenes.ALL_KINDS:
+        for start in range(0, len(val), 64):
+            idx = val[start : start + 64]
+            batch = make_batch(v, cache, idx, rng, 1, {kind: 1.0})
+            res = stage2_forward(model, v, batch, args.align_layer, qa=True)
+            answers = res["pred"].view(len(idx), 2)[:, 0] == res["gold"].view(len(idx), 2)[:, 0]
+            hits.setdefault(kind, []).extend(answers.float().tolist())
+    model.train()
+    return {k: round(float(np.mean(h)), 4) for k, h in hits.items()}
+
+
+def run_stage2(args: argparse.Namespace, model, v: Vocab, cache: dict) -> dict:
+    path = args.work / "stage2.pt"
+    ck = load_ckpt(path)
+    modules = nn.ModuleList([model.model.multi_modal_projector, model.model.language_model])
+    if ck is not None and ck.get("done"):
+        modules.load_state_dict(ck["modules"])
+        log(f"stage2: done already ({ck['metrics']})")
+        return ck["metrics"]
+    opt = torch.optim.AdamW(modules.parameters(), lr=args.lr2, betas=(0.9, 0.98), weight_decay=0.01)
+    step = 0
+    if ck is not None:
+        modules.load_state_dict(ck["modules"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        log(f"stage2: resumed at step {step}/{args.stage2_steps}")
+    model.train()
+    total = args.stage2_steps
+
+    def snapshot(done: bool = False, metrics: dict | None = None) -> None:
+        save_atomic({"modules": modules.state_dict(), "opt": opt.state_dict(), "step": step, "done": done,
+                     "metrics": metrics}, path)
+
+    t0, last_save, hist = time.time(), time.time(), {"loss": [], "qa": [], "align": [], "acc": []}
+    n0 = step
+    while step < total:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, args.lr2, 100)
+        rng = batch_rng(args.seed, "s2", step)
+        idx = rng.sample(range(args.n_cache), args.batch2)
+        qa = step >= args.align_steps
+        batch = make_batch(v, cache, idx, rng, args.turns, KIND_WEIGHTS)
+        res = stage2_forward(model, v, batch, args.align_layer, qa=qa)
+        opt.zero_grad(set_to_none=True)
+        res["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        opt.step()
+        step += 1
+        hist["loss"].append(res["loss"].item())
+        hist["align"].append(float(res["align"]))
+        if qa:
+            hist["qa"].append(res["qa"].item())
+            hist["acc"].append((res["pred"] == res["gold"]).float().mean().item())
+        if step % 20 == 0:
+            rate = (time.time() - t0) / (step - n0)
+            qa_txt = f" qa {np.mean(hist['qa'][-20:]):.4f} tok-acc {np.mean(hist['acc'][-20:]):.3f}" if qa else ""
+            log(f"stage2 step {step}/{total} align {np.mean(hist['align'][-20:]):.4f}{qa_txt} "
+                f"{rate:.2f}s/step eta {rate * (total - step) / 60:.1f} min")
+        if step % args.eval_every == 0 and qa:
+            log(f"stage2 val (teacher-forced, per kind): {stage2_eval(model, v, cache, args)}")
+        if time.time() - last_save > args.save_every:
+            snapshot()
+            last_save = time.time()
+    metrics = stage2_eval(model, v, cache, args)
+    log(f"stage2 final val (teacher-forced): {metrics}")
+    snapshot(done=True, metrics=metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------------------ final
+
+
+def run_final(args: argparse.Namespace, model, processor) -> dict:
+    model.eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
+    model.generation_config.max_new_tokens = 3
+    model.generation_config.do_sample = False
+    args.model_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.model_dir)
+    processor.save_pretrained(args.model_dir)
+    size = sum(f.stat().st_size for f in args.model_dir.iterdir())
+    log(f"saved model + processor to {args.model_dir} ({size / 1e6:.1f} MB)")
+    loaded, proc = toy.load(args.model_dir)
+    result = {}
+    for name, kinds in (("required", scenes.REQUIRED_KINDS), ("extras", scenes.EXTRA_KINDS)):
+        t0 = time.time()
+        result[name] = toy.evaluate(loaded, proc, toy.generate(args.n_eval, toy.EVAL_SEED, kinds=kinds))
+        log(f"held-out seed {toy.EVAL_SEED}, {name}: {result[name]} ({time.time() - t0:.0f}s)")
+    (args.work / "final_eval.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "toy", help="checkpoints and caches")
+    p.add_argument("--model-dir", type=Path, default=toy.MODEL_PATH, help="where the final model is saved")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vision-layers", type=int, default=5)
+    p.add_argument("--vision-width", type=int, default=128)
+    p.add_argument("--text-layers", type=int, default=8)
+    p.add_argument("--text-width", type=int, default=128)
+    p.add_argument("--stage1-steps", type=int, default=900)
+    p.add_argument("--batch1", type=int, default=32)
+    p.add_argument("--gate", type=float, default=0.9, help="per-patch shape accuracy (object patches) to pass")
+    p.add_argument("--lr1", type=float, default=1e-3)
+    p.add_argument("--n-cache", type=int, default=12000, help="stage-2 training images (cached features)")
+    p.add_argument("--n-val", type=int, default=384)
+    p.add_argument("--stage2-steps", type=int, default=2400)
+    p.add_argument("--align-steps", type=int, default=150, help="alignment-only warm-up steps")
+    p.add_argument("--align-layer", type=int, default=2, help="LM layer whose image tokens are also aligned")
+    p.add_argument("--batch2", type=int, default=16)
+    p.add_argument("--turns", type=int, default=8, help="questions per image per sequence")
+    p.add_argument("--lr2", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--n-eval", type=int, default=500)
+    p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
+    p.add_argument("--stop-after", choices=["stage1", "cache", "stage2"], default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    from transformers import LlavaForConditionalGeneration
+
+    config = build.build_config(args.vision_layers, args.vision_width, args.text_layers, args.text_width)
+    model = LlavaForConditionalGeneration(config)
+    processor = build.build_processor()
+    log(f"args: {vars(args)}")
+    log(f"params: vision {sum(p.numel() for p in model.model.vision_tower.parameters()) / 1e6:.2f}M, "
+        f"projector+LM {sum(p.numel() for p in model.model.language_model.parameters()) / 1e6:.2f}M")
+    tower = model.model.vision_tower
+    run_stage1(args, tower)
+    tower.requires_grad_(False)
+    if args.stop_after == "stage1":
+        return
+    cache = run_cache(args, tower)
+    if args.stop_after == "cache":
+        return
+    run_stage2(args, model, Vocab(processor.tokenizer), cache)
+    if args.stop_after == "stage2":
+        return
+    run_final(args, model, processor)
+    log("all done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import vtc
+from vtc.testing import tiny_inputs, tiny_llava
+
+torch.set_num_threads(1)
+
+ATTENTION = ["sdpa", "eager"]
+# Cases of the shared matrix: (method, parameters) at budgets that reduce tokens on the tiny
+# model (16 tokens per image, 6 layers), plus position-policy variants.
+METHODS = {
+    "fastv": ("fastv", {"budget": 8}),
+    "fastv-compact": ("fastv", {"budget": 10, "positions": "compact", "layer": 3}),
+    "vtc_cls": ("vtc_cls", {"budget": 6}),
+    "vtc_cls-keep": ("vtc_cls", {"budget": 6, "positions": "keep", "layers": (1,)}),
+    "random": ("random", {"budget": 5, "seed": 3}),
+}
+
+
+def method_cases() -> list[str]:
+    """Every registered method must have a case: a new method cannot skip the matrix."""
+    missing = set(vtc.list_methods()) - {m for m, _ in METHODS.values()}
+    assert not missing, f"add test settings for {missing} to METHODS in tests/conftest.py"
+    return sorted(METHODS)
+
+
+@functools.cache
+def _model(attn: str, text_model: str = "llama"):
+    return tiny_llava(attn=attn, text_model=text_model)
+
+
+@pytest.fixture(params=ATTENTION)
+def model(request):
+    m = _model(request.param)
+    yield m
+    if vtc.is_applied(m):
+        vtc.remove(m)
+
+
+@pytest.fixture
+def inputs(model):
+    return tiny_inputs(model)
+
+
+def greedy(model, inputs, steps=5, **kw):
+    out = model.generate(
+        **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True,
+        pad_token_id=0, **kw,
+    )
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)

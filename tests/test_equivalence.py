@@ -1,0 +1,148 @@
+"""The core matrix: every registered method, under sdpa and eager, on tiny LLaVA models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vtc
+from vtc.testing import tiny_inputs
+
+from .conftest import METHODS, greedy, method_cases
+from .reference import reference_logits, survivors
+
+CASES = method_cases()
+
+
+def full_budget(model) -> int:
+    return model.config.image_seq_length
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_full_budget_is_identity(model, inputs, case):
+    method, params = METHODS[case]
+    params = {k: v for k, v in params.items() if k != "budget"}
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+    ref_tokens, _ = greedy(model, inputs)
+    with vtc.compressed(model, method, budget=full_budget(model), **params):
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        tokens, _ = greedy(model, inputs)
+        assert vtc.stats(model).equivalent_tokens == full_budget(model)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def _check_against_reference(model, inputs, case, position_ids=None):
+    method, params = METHODS[case]
+    vtc.apply(model, method, **params)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs, position_ids=position_ids).logits
+        stats = vtc.stats(model)
+        plan = model._vtc.plan
+    finally:
+        vtc.remove(model)
+    stages = survivors(model, inputs["input_ids"], plan, stats.kept)
+    ref, rows = reference_logits(model, **inputs, stages=stages, position_ids=position_ids)
+    assert logits.shape[1] == rows.shape[1], "physical drop left a different number of rows"
+    expected = ref.gather(1, rows[..., None].expand(-1, -1, ref.shape[-1]))
+    real = inputs["attention_mask"].gather(1, rows).bool()
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-5)
+    return stats
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_drop_equals_mask(model, inputs, case):
+    stats = _check_against_reference(model, inputs, case)
+    assert stats.equivalent_tokens < model.config.image_seq_length
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_drop_equals_mask_two_images_padded(model, case):
+    inputs = tiny_inputs(model, batch=2, images=2, pad=[0, 3], seed=1)
+    pos = (inputs["attention_mask"].cumsum(1) - 1).clamp_min(0)
+    stats = _check_against_reference(model, inputs, case, position_ids=pos)
+    assert stats.images == 2
+    assert all(v.shape[:2] == (2, 2) for v in stats.kept.values())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cached_generation_equals_recomputation(model, case):
+    inputs = tiny_inputs(model, batch=2, pad=[2, 0], seed=2)
+    vtc.apply(model, METHODS[case][0], **METHODS[case][1])
+    try:
+        tokens, step_logits = greedy(model, inputs, steps=4)
+        stats, plan = vtc.stats(model), model._vtc.plan
+    finally:
+        vtc.remove(model)
+    stages = survivors(model, inputs["input_ids"], plan, stats.kept)
+    for t in range(tokens.shape[1]):
+        ids = torch.cat([inputs["input_ids"], tokens[:, :t]], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :t])], dim=1)
+        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
+        ref, _ = reference_logits(model, ids, mask, inputs["pixel_values"], stages, position_ids=pos)
+        torch.testing.assert_close(step_logits[:, t], ref[:, -1], atol=1e-4, rtol=1e-4)
+        assert torch.equal(ref[:, -1].argmax(-1), tokens[:, t])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_padded_batch_equals_single_samples(model, case):
+    batch = tiny_inputs(model, batch=2, pad=[3, 0], seed=4)
+    vtc.apply(model, METHODS[case][0], **METHODS[case][1])
+    try:
+        tokens, logits = greedy(model, batch)
+        for b in range(2):
+            real = batch["attention_mask"][b].bool()
+            alone = {
+                "input_ids": batch["input_ids"][b : b + 1, real],
+                "attention_mask": batch["attention_mask"][b : b + 1, real],
+                "pixel_values": batch["pixel_values"][b : b + 1],
+            }
+            tokens_b, logits_b = greedy(model, alone)
+            assert torch.equal(tokens_b[0], tokens[b])
+            torch.testing.assert_close(logits_b[0], logits[b], atol=1e-5, rtol=1e-5)
+    finally:
+        vtc.remove(model)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prompt_without_image_is_unchanged(model, case):
+    ids = torch.randint(3, model.config.image_token_id, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with vtc.compressed(model, METHODS[case][0], **METHODS[case][1]):
+            out = model(input_ids=ids).logits
+            assert vtc.stats(model).images == 0
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_remove_restores_exactly(model, inputs, case):
+    keys = set(model.state_dict())
+    attrs = {id(m): set(m.__dict__) for m in model.modules()}
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    with torch.no_grad():
+        before = model(**inputs).logits
+    vtc.apply(model, METHODS[case][0], **METHODS[case][1])
+    with torch.no_grad():
+        reduced = model(**inputs).logits
+    vtc.remove(model)
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert reduced.shape != before.shape or not torch.equal(reduced, before)
+    assert torch.equal(after, before)
+    assert set(model.state_dict()) == keys
+    assert {id(m): set(m.__dict__) for m in model.modules()} == attrs
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
+    assert not vtc.is_applied(model)
+
+
+def test_apply_twice_is_refused(model):
+    vtc.apply(model, "fastv")
+    with pytest.raises(vtc.VtcError, match="already applied.*vtc.remove"):
+        vtc.apply(model, "vtc_cls")
+    vtc.remove(model)
+    with pytest.raises(vtc.VtcError, match="nothing to remove"):
+        vtc.remove(model)

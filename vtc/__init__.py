@@ -1,0 +1,79 @@
+"""vtc: training-free visual token compression for Hugging Face vision-language models.
+
+Example:
+    >>> import vtc
+    >>> vtc.list_methods()
+    ['fastv', 'random', 'vtc_cls']
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+MIN_TRANSFORMERS = "5.24.0"
+
+
+def _check_transformers() -> None:
+    try:
+        found = version("transformers")
+    except PackageNotFoundError as e:
+        raise ImportError(f"vtc needs transformers>={MIN_TRANSFORMERS}: pip install 'transformers>={MIN_TRANSFORMERS}'") from e
+    from packaging.version import Version
+
+    if Version(found) < Version(MIN_TRANSFORMERS) or Version(found).major != 5:
+        raise ImportError(
+            f"vtc needs transformers {MIN_TRANSFORMERS} or a later 5.x (found {found}): the hooks depend on "
+            f"its model interfaces; pip install 'transformers>={MIN_TRANSFORMERS},<6'"
+        )
+
+
+_check_transformers()
+
+from . import ops  # noqa: E402
+from .api import (  # noqa: E402
+    apply,
+    compressed,
+    from_pretrained,
+    is_applied,
+    list_methods,
+    list_models,
+    load_processor,
+    plan,
+    remove,
+    stats,
+)
+from .errors import (  # noqa: E402
+    BudgetError,
+    UnknownMethodError,
+    UnsupportedConfigurationError,
+    UnsupportedModelError,
+    VtcError,
+)
+from .flops import Stats  # noqa: E402
+from .plan import ModelInfo, Plan, Scorer, Stage  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = [
+    "MIN_TRANSFORMERS",
+    "BudgetError",
+    "ModelInfo",
+    "Plan",
+    "Scorer",
+    "Stage",
+    "Stats",
+    "UnknownMethodError",
+    "UnsupportedConfigurationError",
+    "UnsupportedModelError",
+    "VtcError",
+    "apply",
+    "compressed",
+    "from_pretrained",
+    "is_applied",
+    "list_methods",
+    "list_models",
+    "load_processor",
+    "ops",
+    "plan",
+    "remove",
+    "stats",
+]

@@ -1,0 +1,176 @@
+"""The public API: apply a method to a loaded model, remove it, inspect its plan and stats."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from .errors import UnsupportedConfigurationError, VtcError
+from .flops import Stats
+from .plan import Plan
+from .registry import adapters, get_adapter, get_method, methods
+
+ATTR = "_vtc"
+
+
+def _make(model: nn.Module, method: str, budget, params: dict):
+    adapter = get_adapter(model)
+    config = get_method(method).create(**params)
+    return adapter, config.compile(adapter.info(), budget)
+
+
+def plan(model: nn.Module, method: str, budget: int | float | None = None, **params: Any) -> Plan:
+    """The plan :func:`apply` would install, without installing it.
+
+    Example:
+        >>> print(vtc.plan(model, "fastv", budget=192))  # doctest: +SKIP
+        plan fastv: 576 visual tokens per image, 32 layers
+        ...
+    """
+    return _make(model, method, budget, params)[1]
+
+
+def apply(model: nn.Module, method: str, budget: int | float | None = None, **params: Any) -> nn.Module:
+    """Install ``method`` on this model instance (only); returns the model.
+
+    ``budget`` is visual tokens per image averaged over the LLM's layers (int: a count; float
+    in (0, 1]: a fraction); ``params`` are the method's native parameters.
+
+    Example:
+        >>> model = vtc.apply(model, "fastv", budget=192)  # doctest: +SKIP
+        >>> out = model.generate(**inputs)                  # doctest: +SKIP
+        >>> vtc.remove(model)                               # doctest: +SKIP
+    """
+    from vtc.patches.base import Installation
+
+    if ATTR in model.__dict__:
+        raise VtcError(
+            f"vtc method {model.__dict__[ATTR].plan.method!r} is already applied to this model; "
+            f"call vtc.remove(model) before applying another"
+        )
+    if getattr(getattr(model, "generation_config", None), "cache_implementation", None) == "static":
+        raise UnsupportedConfigurationError(
+            "vtc cannot run with cache_implementation='static': its layers keep different numbers of "
+            "tokens. Set model.generation_config.cache_implementation = None (dynamic cache)"
+        )
+    adapter, the_plan = _make(model, method, budget, params)
+    installation = Installation(adapter, the_plan)
+    installation.install()
+    model.__dict__[ATTR] = installation
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: the model computes exactly what it did before; returns the model.
+
+    Example:
+        >>> vtc.remove(vtc.apply(model, "vtc_cls", budget=64))  # doctest: +SKIP
+    """
+    installation = model.__dict__.pop(ATTR, None)
+    if installation is None:
+        raise VtcError("no vtc method is applied to this model; nothing to remove")
+    installation.remove()
+    return model
+
+
+def is_applied(model: nn.Module) -> bool:
+    """Whether a vtc method is installed on ``model``."""
+    return ATTR in model.__dict__
+
+
+@contextlib.contextmanager
+def compressed(model: nn.Module, method: str, budget: int | float | None = None, **params: Any) -> Iterator[nn.Module]:
+    """Apply ``method`` for the duration of a ``with`` block.
+
+    Example:
+        >>> with vtc.compressed(model, "random", budget=64, seed=1):  # doctest: +SKIP
+        ...     out = model.generate(**inputs)
+    """
+    apply(model, method, budget, **params)
+    try:
+        yield model
+    finally:
+        remove(model)
+
+
+def stats(model: nn.Module) -> Stats:
+    """What the last prefill of the installed method did (tokens per layer, FLOPs).
+
+    Example:
+        >>> model.generate(**inputs); print(vtc.stats(model))  # doctest: +SKIP
+        fastv: 1 image(s), 64 text tokens; visual tokens/image 576 -> 576 entering the LLM, ...
+    """
+    installation = model.__dict__.get(ATTR)
+    if installation is None:
+        raise VtcError("no vtc method is applied to this model; call vtc.apply(model, ...) first")
+    if installation.last_stats is None:
+        raise VtcError("the model has not run a forward or generate since vtc.apply; run one first")
+    return installation.last_stats
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods.
+
+    Example:
+        >>> "fastv" in vtc.list_methods()
+        True
+    """
+    return sorted(methods())
+
+
+def list_models() -> list[str]:
+    """Model classes vtc has an adapter for.
+
+    Example:
+        >>> "LlavaForConditionalGeneration" in vtc.list_models()
+        True
+    """
+    return sorted(name for cls in adapters() for name in cls.class_names)
+
+
+def _split_params(method: str | None, kwargs: dict) -> tuple[dict, dict]:
+    if method is None:
+        return {}, kwargs
+    names = set(get_method(method).param_names())
+    return {k: v for k, v in kwargs.items() if k in names}, {k: v for k, v in kwargs.items() if k not in names}
+
+
+def from_pretrained(
+    name_or_path: str, method: str | None = None, budget: int | float | None = None, **kwargs: Any
+) -> nn.Module:
+    """Load a model with its image-text-to-text auto class and apply ``method``: the load flag.
+
+    Keyword arguments named like the method's native parameters go to the method, the rest
+    to Hugging Face's ``from_pretrained`` (``torch_dtype``, ``device_map``, ...). The method
+    and its parameters are checked before anything is loaded. The processor is separate:
+    :func:`load_processor`.
+
+    Example:
+        >>> model = vtc.from_pretrained("llava-hf/llava-1.5-7b-hf", method="fastv", budget=192,
+        ...                             dtype="bfloat16")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForImageTextToText
+
+    method_params, hf_kwargs = _split_params(method, kwargs)
+    if method is not None:
+        get_method(method).create(**method_params)  # fail before loading
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, **hf_kwargs)
+    model.eval()
+    get_adapter(model)  # an unsupported family fails here, whatever the method
+    if method is not None:
+        apply(model, method, budget, **method_params)
+    return model
+
+
+def load_processor(name_or_path: str, **kwargs: Any):
+    """The processor that goes with :func:`from_pretrained` (``AutoProcessor``).
+
+    Example:
+        >>> processor = vtc.load_processor("llava-hf/llava-1.5-7b-hf")  # doctest: +SKIP
+    """
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(name_or_path, **kwargs)

@@ -1,0 +1,124 @@
+"""Analytic prefill FLOPs of the language model, and the stats of the last prefill.
+
+Per decoder layer on ``n`` tokens (hidden ``d``, ``h`` query heads and ``g`` kv heads of
+size ``c``, MLP width ``m``), counting a multiply-add as 2 FLOPs:
+
+* projections: ``2 n d (h c) * 2`` (q and o) ``+ 2 n d (g c) * 2`` (k and v)
+* attention:  ``4 n^2 h c`` (scores and weighted values, the full square a dense kernel computes)
+* gated MLP:  ``6 n d m``
+
+Scoring adds, per ``query_attention`` stage, one key projection and one query row
+(``2 n d g c + 2 d h c + 2 n h c``), and per vision layer of a ``cls_attention`` scorer
+one key projection of the tower (``2 N D^2``). The vision tower and the LM head are the
+same with and without a method and are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .plan import ModelInfo, Plan
+
+
+def layer_flops(info: ModelInfo, n: int) -> float:
+    """FLOPs of one decoder layer on ``n`` tokens.
+
+    Example:
+        >>> info = ModelInfo("x", 576, 32, 24, 22, True, hidden_size=4096, intermediate_size=11008,
+        ...                  num_heads=32, num_kv_heads=32, head_dim=128)
+        >>> round(layer_flops(info, 640) / 1e9, 1)
+        113.9
+    """
+    d, m, hc, gc = info.hidden_size, info.intermediate_size, info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim
+    return 4 * n * d * hc + 4 * n * d * gc + 4 * n * n * hc + 6 * n * d * m
+
+
+def scoring_flops(info: ModelInfo, plan: Plan, text: int, images: int, vision_hidden: int = 0) -> float:
+    """FLOPs the plan's scorers add to a prefill of ``text`` + visual tokens."""
+    total, per_layer = 0.0, plan.tokens_per_layer()
+    hc, gc, d = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim, info.hidden_size
+    for s in plan.stages:
+        if s.scorer.kind == "query_attention":
+            n = text + images * per_layer[s.scorer.layers[0]]
+            total += 2 * n * d * gc + 2 * d * hc + 2 * n * hc
+        elif s.scorer.kind == "cls_attention":
+            total += images * len(s.scorer.layers) * 2 * (plan.image_tokens + 1) * vision_hidden**2
+    return total
+
+
+def prefill_flops(info: ModelInfo, plan: Plan | None, text: int, images: int, vision_hidden: int = 0) -> float:
+    """Analytic prefill FLOPs of the LLM for one sequence with ``text`` tokens and ``images`` images.
+
+    With ``plan=None``: the unreduced model.
+
+    Example:
+        >>> info = ModelInfo("x", 576, 2, 24, 22, True, hidden_size=8, intermediate_size=16,
+        ...                  num_heads=2, num_kv_heads=2, head_dim=4)
+        >>> prefill_flops(info, None, text=10, images=1) == 2 * layer_flops(info, 586)
+        True
+    """
+    if plan is None:
+        return info.num_layers * layer_flops(info, text + images * info.image_tokens)
+    layers = sum(layer_flops(info, text + images * n) for n in plan.tokens_per_layer())
+    return layers + (scoring_flops(info, plan, text, images, vision_hidden) if images else 0.0)
+
+
+@dataclass
+class Stats:
+    """What the last prefill did, per sequence of the batch.
+
+    Example:
+        >>> Stats("fastv", images=1, text_tokens=64, image_tokens=576, tokens_entering_llm=576,
+        ...       tokens_per_layer=[576, 288], flops=1.0, flops_full=2.0).flops_ratio
+        0.5
+    """
+
+    method: str
+    images: int
+    text_tokens: int
+    image_tokens: int
+    tokens_entering_llm: int
+    tokens_per_layer: list[int]
+    flops: float
+    flops_full: float
+    kept: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def equivalent_tokens(self) -> float:
+        """Visual tokens per image averaged over the LLM's layers."""
+        return sum(self.tokens_per_layer) / len(self.tokens_per_layer)
+
+    @property
+    def flops_ratio(self) -> float:
+        """Prefill FLOPs with the method over FLOPs without it."""
+        return self.flops / self.flops_full if self.flops_full else 1.0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.method}: {self.images} image(s), {self.text_tokens} text tokens; visual tokens/image "
+            f"{self.image_tokens} -> {self.tokens_entering_llm} entering the LLM, "
+            f"{self.equivalent_tokens:.1f} equivalent; prefill {self.flops / 1e9:.3g} GFLOPs "
+            f"({self.flops_ratio:.1%} of {self.flops_full / 1e9:.3g})"
+        )
+
+
+def make_stats(info: ModelInfo, plan: Plan, text: int, images: int, kept=None, vision_hidden: int = 0) -> Stats:
+    """The :class:`Stats` of a prefill with ``text`` tokens and ``images`` images under ``plan``."""
+    if images == 0:
+        per_layer = [0] * info.num_layers
+        entering = 0
+    else:
+        per_layer, entering = plan.tokens_per_layer(), plan.tokens_entering_llm
+    return Stats(
+        plan.method,
+        images,
+        text,
+        info.image_tokens,
+        entering,
+        per_layer,
+        prefill_flops(info, plan, text, images, vision_hidden),
+        prefill_flops(info, None, text, images),
+        kept if kept is not None else {},  # layer stages fill it in as the prefill runs
+    )

@@ -1,0 +1,28 @@
+"""Pure tensor operators for visual token reduction, usable in any pipeline.
+
+Nothing here knows a model family: selection (:func:`topk_keep`, :func:`gather_tokens`),
+attention scores from a module's own projections (:func:`query_attention`,
+:func:`cls_attention`) and merging (:func:`bipartite_soft_matching`).
+
+Example:
+    >>> import torch
+    >>> from vtc import ops
+    >>> feats, scores = torch.randn(1, 576, 64), torch.rand(1, 576)
+    >>> ops.gather_tokens(feats, ops.topk_keep(scores, 64)).shape
+    torch.Size([1, 64, 64])
+"""
+
+from .attention import apply_rope, cls_attention, query_attention, rotate_half
+from .merge import bipartite_soft_matching, merge_weighted
+from .select import gather_tokens, topk_keep
+
+__all__ = [
+    "apply_rope",
+    "bipartite_soft_matching",
+    "cls_attention",
+    "gather_tokens",
+    "merge_weighted",
+    "query_attention",
+    "rotate_half",
+    "topk_keep",
+]

@@ -1,0 +1,116 @@
+"""Attention scores computed from a module's own projections, one query row at a time.
+
+These never build the ``N x N`` attention matrix and never need the model to return
+attention weights, so they work under sdpa, flash attention and eager alike, and with
+quantized projections (bitsandbytes): they call the modules, they do not read weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of the last dimension, as rotary embeddings need.
+
+    Example:
+        >>> rotate_half(torch.tensor([1., 2., 3., 4.]))
+        tensor([-3., -4.,  1.,  2.])
+    """
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply rotary embeddings to ``x`` ``[B, heads, N, d]`` with ``cos``/``sin`` ``[B, N, d]``.
+
+    Example:
+        >>> x = torch.ones(1, 1, 2, 4)
+        >>> apply_rope(x, torch.ones(1, 2, 4), torch.zeros(1, 2, 4)).shape
+        torch.Size([1, 1, 2, 4])
+    """
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def _mean_head_softmax(logits: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, heads, N]`` logits -> softmax over keys (masked), mean over heads -> ``[B, N]``."""
+    logits = logits.float()
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, :].bool(), float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def query_attention(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    key_mask: torch.Tensor | None = None,
+    query_index: int = -1,
+) -> torch.Tensor:
+    """Attention of one query token to every key, as decoder ``layer`` would compute it.
+
+    ``layer`` is a Llama/Qwen2-style decoder layer (``input_layernorm``, ``self_attn`` with
+    ``q_proj``, ``k_proj``, ``head_dim``, ``scaling``; optional ``q_norm``/``k_norm``);
+    ``hidden_states`` is the layer's input ``[B, N, D]``; ``position_embeddings`` the
+    ``(cos, sin)`` it receives. Returns softmax probabilities of the query at
+    ``query_index`` over the ``N`` keys (masked where ``key_mask`` is False), averaged over
+    heads: ``[B, N]``. Cost: one key projection, ``O(N d)`` per head, no ``N x N`` matrix.
+    Keys after the query are masked, as causal attention would.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+        >>> cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        ...                   intermediate_size=64)
+        >>> layer, h = LlamaDecoderLayer(cfg, 0), torch.randn(1, 5, 32)
+        >>> rope = LlamaRotaryEmbedding(cfg)(h, torch.arange(5)[None])
+        >>> query_attention(layer, h, rope).sum(-1)
+        tensor([1.0000], grad_fn=<SumBackward1>)
+    """
+    attn = layer.self_attn
+    bsz, n, _ = hidden_states.shape
+    hd = attn.head_dim
+    qi = query_index % n
+    h = layer.input_layernorm(hidden_states)
+    q = attn.q_proj(h[:, qi : qi + 1]).view(bsz, 1, -1, hd).transpose(1, 2)  # [B, H, 1, d]
+    k = attn.k_proj(h).view(bsz, n, -1, hd).transpose(1, 2)  # [B, KV, N, d]
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = position_embeddings
+    cos, sin = cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1)
+    q = apply_rope(q, cos[:, qi : qi + 1], sin[:, qi : qi + 1])
+    k = apply_rope(k, cos, sin)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    # Grouped-query attention without repeating the keys: group the query heads per kv head.
+    logits = torch.matmul(q.view(bsz, kv_heads, heads // kv_heads, hd), k.transpose(-1, -2))
+    logits = logits.view(bsz, heads, n) * attn.scaling
+    causal = torch.arange(n, device=h.device) <= qi
+    key_mask = causal[None] if key_mask is None else key_mask.bool() & causal[None]
+    return _mean_head_softmax(logits, key_mask)
+
+
+def cls_attention(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Attention of the [CLS] token (position 0) to every token of a ViT attention module.
+
+    ``attn`` is the module (CLIP/SigLIP-style: ``q_proj``, ``k_proj``, ``num_heads``,
+    ``head_dim``, ``scale``; optional ``q_norm``/``k_norm``) and ``hidden_states`` the input it
+    receives ``[B, N, D]``. Returns the CLS row of the head-averaged attention probabilities,
+    ``[B, N]`` (the first column is CLS attending to itself).
+
+    Example:
+        >>> from transformers import CLIPVisionConfig
+        >>> from transformers.models.clip.modeling_clip import CLIPAttention
+        >>> attn = CLIPAttention(CLIPVisionConfig(hidden_size=32, num_attention_heads=4))
+        >>> cls_attention(attn, torch.randn(2, 10, 32)).shape
+        torch.Size([2, 10])
+    """
+    bsz, n, _ = hidden_states.shape
+    hd = attn.head_dim
+    q = attn.q_proj(hidden_states[:, :1]).view(bsz, 1, -1, hd).transpose(1, 2)
+    k = attn.k_proj(hidden_states).view(bsz, n, -1, hd).transpose(1, 2)
+    if getattr(attn, "q_norm", None) is not None and not isinstance(attn.q_norm, nn.Identity):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    scale = getattr(attn, "scale", None) or getattr(attn, "scaling", hd**-0.5)
+    logits = torch.matmul(q, k.transpose(-1, -2)).squeeze(2) * scale  # [B, H, N]
+    return _mean_head_softmax(logits, None)

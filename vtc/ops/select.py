@@ -1,0 +1,44 @@
+"""Selecting and gathering tokens along the sequence, batched, with per-sample indices."""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk_keep(scores: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the ``k`` highest scores of each row, in original (ascending) order.
+
+    ``scores`` is ``[B, N]``; ``valid`` (bool, ``[B, N]``) excludes entries from the choice.
+    Ties go to the earlier token, so the result is deterministic.
+
+    Example:
+        >>> topk_keep(torch.tensor([[0.1, 0.9, 0.5, 0.7]]), 2)
+        tensor([[1, 3]])
+    """
+    if not 0 < k <= scores.shape[-1]:
+        raise ValueError(f"k={k} must be in [1, {scores.shape[-1]}]")
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    # A stable sort makes ties resolve by position, independent of the backend.
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :k]
+    return order.sort(dim=-1).values
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Gather ``x`` along ``dim`` with per-sample indices ``index`` of shape ``[B, k]``.
+
+    Trailing dimensions of ``x`` after ``dim`` are carried along; a batch dimension of
+    size 1 in ``x`` is broadcast to the batch of ``index``.
+
+    Example:
+        >>> x = torch.arange(12.).view(2, 3, 2)
+        >>> gather_tokens(x, torch.tensor([[0, 2], [1, 2]]))[1]
+        tensor([[ 8.,  9.],
+                [10., 11.]])
+    """
+    dim = dim % x.dim()
+    if x.shape[0] == 1 and index.shape[0] > 1:
+        x = x.expand(index.shape[0], *x.shape[1:])
+    shape = [index.shape[0]] + [1] * (dim - 1) + [index.shape[1]] + [1] * (x.dim() - dim - 1)
+    idx = index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1 :])
+    return x.gather(dim, idx)

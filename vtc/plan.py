@@ -1,0 +1,179 @@
+"""A plan: the ordered stages a method compiles to, for one model and one budget.
+
+A stage says *where* tokens are reduced (``vision``: before the LLM, on each image's
+features; ``layer:i``: before decoder layer ``i``, at prefill), *how* they are scored and
+reduced, and how many visual tokens per image survive it. Adapters execute plans; methods
+only produce them, so methods never name a model class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+SCORERS = ("cls_attention", "query_attention", "random")
+REDUCERS = ("topk",)
+POSITIONS = ("keep", "compact")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a method may know about a model: sizes, never classes.
+
+    Example:
+        >>> ModelInfo("llava", image_tokens=576, num_layers=32, vision_layers=24,
+        ...           vision_feature_layer=22, has_cls=True).image_tokens
+        576
+    """
+
+    family: str
+    image_tokens: int
+    num_layers: int
+    vision_layers: int
+    vision_feature_layer: int
+    has_cls: bool
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """How tokens are ranked.
+
+    ``cls_attention``: the vision tower's [CLS]-to-patch attention, averaged over the vision
+    layers ``layers``. ``query_attention``: attention of the last prompt token at LLM layer
+    ``layers[0]``, computed from that layer's input. ``random``: a seeded random ranking.
+
+    Example:
+        >>> str(Scorer("query_attention", (1,)))
+        'query_attention@L1'
+    """
+
+    kind: str
+    layers: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCORERS:
+            raise ValueError(f"unknown scorer {self.kind!r}; known: {', '.join(SCORERS)}")
+
+    def __str__(self) -> str:
+        if self.kind == "cls_attention":
+            return f"cls_attention@vision{list(self.layers)}"
+        if self.kind == "query_attention":
+            return f"query_attention@L{self.layers[0]}"
+        return f"random(seed={self.seed})"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One reduction: at ``where``, rank with ``scorer``, keep ``keep`` visual tokens per image.
+
+    ``positions`` says what RoPE positions survivors get: their original ones (``keep``)
+    or re-indexed contiguously (``compact``).
+
+    Example:
+        >>> Stage("layer:2", Scorer("query_attention", (1,)), keep=288).layer
+        2
+    """
+
+    where: str
+    scorer: Scorer
+    keep: int
+    reducer: str = "topk"
+    positions: Literal["keep", "compact"] = "keep"
+
+    def __post_init__(self) -> None:
+        if self.where != "vision" and not (self.where.startswith("layer:") and self.where[6:].isdigit()):
+            raise ValueError(f"stage where={self.where!r}: use 'vision' or 'layer:<i>'")
+        if self.reducer not in REDUCERS:
+            raise ValueError(f"unknown reducer {self.reducer!r}; known: {', '.join(REDUCERS)}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r}: use one of {POSITIONS}")
+        if self.keep < 1:
+            raise ValueError(f"a stage must keep at least one token per image, got {self.keep}")
+
+    @property
+    def layer(self) -> int | None:
+        """The decoder layer this stage runs before, or None for a vision stage."""
+        return None if self.where == "vision" else int(self.where[6:])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The stages of a method for a model, with the token accounting they imply.
+
+    Example:
+        >>> p = Plan("fastv", (Stage("layer:2", Scorer("query_attention", (1,)), 288),),
+        ...          image_tokens=576, num_layers=32)
+        >>> p.tokens_per_layer()[:3], p.equivalent_tokens
+        ([576, 576, 288], 306.0)
+    """
+
+    method: str
+    stages: tuple[Stage, ...]
+    image_tokens: int
+    num_layers: int
+    params: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        last_layer, kept, seen_layer = -1, self.image_tokens, False
+        for s in self.stages:
+            if s.layer is None:
+                if seen_layer:
+                    raise ValueError("vision stages must come before layer stages")
+            else:
+                seen_layer = True
+                if not 0 < s.layer < self.num_layers:
+                    raise ValueError(f"stage at layer {s.layer}: use a layer in [1, {self.num_layers - 1}]")
+                if s.layer <= last_layer:
+                    raise ValueError("layer stages must be at strictly increasing layers")
+                last_layer = s.layer
+            if s.keep > kept:
+                raise ValueError(f"stage {s.where} keeps {s.keep} tokens but only {kept} reach it")
+            kept = s.keep
+
+    @property
+    def vision_stages(self) -> tuple[Stage, ...]:
+        return tuple(s for s in self.stages if s.layer is None)
+
+    @property
+    def layer_stages(self) -> tuple[Stage, ...]:
+        return tuple(s for s in self.stages if s.layer is not None)
+
+    @property
+    def tokens_entering_llm(self) -> int:
+        """Visual tokens per image that enter the LLM (after the vision stages)."""
+        return self.vision_stages[-1].keep if self.vision_stages else self.image_tokens
+
+    def tokens_per_layer(self) -> list[int]:
+        """Visual tokens per image that each decoder layer processes at prefill."""
+        counts, n = [], self.tokens_entering_llm
+        by_layer = {s.layer: s.keep for s in self.layer_stages}
+        for layer in range(self.num_layers):
+            n = by_layer.get(layer, n)
+            counts.append(n)
+        return counts
+
+    @property
+    def equivalent_tokens(self) -> float:
+        """The budget this plan meets: visual tokens per image averaged over layers."""
+        return sum(self.tokens_per_layer()) / self.num_layers
+
+    def __str__(self) -> str:
+        rows = [("stage", "where", "scorer", "reducer", "positions", "tokens kept")]
+        rows.append(("0", "input", "-", "-", "-", str(self.image_tokens)))
+        for i, s in enumerate(self.stages, 1):
+            rows.append((str(i), s.where, str(s.scorer), s.reducer, s.positions, str(s.keep)))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines = [f"plan {self.method}: {self.image_tokens} visual tokens per image, {self.num_layers} layers"]
+        for r in rows:
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        lines.append(
+            f"entering LLM: {self.tokens_entering_llm} tokens/image; "
+            f"equivalent: {self.equivalent_tokens:.1f} tokens/image"
+        )
+        return "\n".join(lines)

@@ -10,7 +10,8 @@ from vtc.testing import tiny_inputs, tiny_llava
 
 torch.set_num_threads(1)
 
-ATTENTION = ["sdpa", "eager"]
+# (attention implementation, language model): both attention paths, and a Qwen2 LM (biased q/k/v).
+BACKENDS = [("sdpa", "llama"), ("eager", "llama"), ("sdpa", "qwen2")]
 # Cases of the shared matrix: (method, parameters) at budgets that reduce tokens on the tiny
 # model (16 tokens per image, 6 layers), plus position-policy variants.
 METHODS = {
@@ -34,9 +35,9 @@ def _model(attn: str, text_model: str = "llama"):
     return tiny_llava(attn=attn, text_model=text_model)
 
 
-@pytest.fixture(params=ATTENTION)
+@pytest.fixture(params=BACKENDS, ids=lambda b: "-".join(b))
 def model(request):
-    m = _model(request.param)
+    m = _model(*request.param)
     yield m
     if vtc.is_applied(m):
         vtc.remove(m)

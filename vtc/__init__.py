@@ -17,7 +17,9 @@ def _check_transformers() -> None:
     try:
         found = version("transformers")
     except PackageNotFoundError as e:
-        raise ImportError(f"vtc needs transformers>={MIN_TRANSFORMERS}: pip install 'transformers>={MIN_TRANSFORMERS}'") from e
+        raise ImportError(
+            f"vtc needs transformers>={MIN_TRANSFORMERS}: pip install 'transformers>={MIN_TRANSFORMERS},<6'"
+        ) from e
     from packaging.version import Version
 
     if Version(found) < Version(MIN_TRANSFORMERS) or Version(found).major != 5:

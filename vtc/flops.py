@@ -31,7 +31,8 @@ def layer_flops(info: ModelInfo, n: int) -> float:
         >>> round(layer_flops(info, 640) / 1e9, 1)
         113.9
     """
-    d, m, hc, gc = info.hidden_size, info.intermediate_size, info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim
+    d, m = info.hidden_size, info.intermediate_size
+    hc, gc = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim
     return 4 * n * d * hc + 4 * n * d * gc + 4 * n * n * hc + 6 * n * d * m
 
 

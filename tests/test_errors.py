@@ -1,0 +1,114 @@
+"""Bad input gets a clear error naming what is wrong and what is allowed, and loses nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import vtc
+from vtc.testing import tiny_inputs
+
+
+def test_unknown_method_lists_available(model):
+    with pytest.raises(vtc.UnknownMethodError, match="unknown method 'fastvv'.*available methods: fastv"):
+        vtc.apply(model, "fastvv")
+    assert not vtc.is_applied(model)
+
+
+def test_unknown_parameter_lists_parameters(model):
+    with pytest.raises(vtc.VtcError, match="no parameter.*lyer.*its parameters: layer, keep"):
+        vtc.apply(model, "fastv", lyer=3)
+
+
+def test_unsupported_model_lists_supported():
+    with pytest.raises(vtc.UnsupportedModelError, match="no adapter for Linear.*supported: LlavaFor"):
+        vtc.apply(nn.Linear(2, 2), "fastv")
+
+
+@pytest.mark.parametrize(
+    ("method", "budget", "message"),
+    [
+        ("vtc_cls", 0, "keeps no visual token"),
+        ("vtc_cls", -3, "keeps no visual token"),
+        ("vtc_cls", 0.0, "must be in \\(0, 1\\]"),
+        ("fastv", 17, "above the model's 16 visual tokens per image; use at most 16"),
+        ("random", 1.5, "must be in \\(0, 1\\]"),
+        ("vtc_cls", "64", "must be an int"),
+        ("fastv", 5, "cannot reach budget 5: the lowest feasible budget is 6.0 tokens"),
+    ],
+)
+def test_infeasible_budget(model, method, budget, message):
+    with pytest.raises(vtc.BudgetError, match=message):
+        vtc.apply(model, method, budget=budget)
+    assert not vtc.is_applied(model)
+
+
+def test_budget_and_keep_together_is_refused(model):
+    with pytest.raises(vtc.BudgetError, match="either budget or keep"):
+        vtc.plan(model, "vtc_cls", budget=8, keep=4)
+
+
+def test_fastv_layer_out_of_range(model):
+    with pytest.raises(vtc.VtcError, match="fastv layer=6: use a layer in \\[1, 5\\]"):
+        vtc.plan(model, "fastv", layer=6)
+
+
+def test_vtc_cls_layer_out_of_range(model):
+    with pytest.raises(vtc.VtcError, match="vtc_cls layers \\[1, 4\\].*vision layer in \\[0, 3\\]"):
+        vtc.plan(model, "vtc_cls", layers=(1, 4))
+
+
+def test_vtc_cls_needs_cls_token():
+    from vtc.methods.vtc_cls import VtcCls
+
+    info = vtc.ModelInfo("qwen2_vl", 256, 28, 32, 31, has_cls=False)
+    with pytest.raises(vtc.VtcError, match="no \\[CLS\\] token; use a method that does not need it"):
+        VtcCls().compile(info, 64)
+
+
+def test_static_cache_is_refused(model):
+    inputs = tiny_inputs(model)
+    vtc.apply(model, "fastv")
+    with pytest.raises(vtc.UnsupportedConfigurationError, match="static.*dynamic cache"):
+        model.generate(**inputs, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
+    vtc.remove(model)
+    model.generation_config.cache_implementation = "static"
+    try:
+        with pytest.raises(vtc.UnsupportedConfigurationError, match="cache_implementation='static'"):
+            vtc.apply(model, "fastv")
+        assert not vtc.is_applied(model)
+    finally:
+        model.generation_config.cache_implementation = None
+
+
+def test_mixed_image_counts_in_a_batch_are_refused(model):
+    one, two = tiny_inputs(model, images=1), tiny_inputs(model, images=2)
+    width = two["input_ids"].shape[1]
+    pad = width - one["input_ids"].shape[1]
+    ids = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), one["input_ids"]], 1), two["input_ids"]])
+    mask = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), one["attention_mask"]], 1),
+                      two["attention_mask"]])
+    pixels = torch.cat([one["pixel_values"], two["pixel_values"]])
+    with vtc.compressed(model, "random", budget=4), pytest.raises(vtc.VtcError, match="same number of images"):
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+
+
+def test_stats_before_any_forward(model):
+    with vtc.compressed(model, "fastv"), pytest.raises(vtc.VtcError, match="has not run a forward"):
+        vtc.stats(model)
+
+
+def test_drifted_signature_is_refused(model, monkeypatch):
+    from vtc.patches import base
+
+    monkeypatch.setattr(base.Adapter, "forward_params", (*base.Adapter.forward_params, "cache_position"))
+    with pytest.raises(vtc.UnsupportedConfigurationError, match="no longer takes \\['cache_position'\\]"):
+        vtc.apply(model, "vtc_cls")
+    assert not vtc.is_applied(model)
+    assert "forward" not in model.model.__dict__
+
+
+def test_from_pretrained_checks_method_before_loading(tmp_path):
+    with pytest.raises(vtc.UnknownMethodError):
+        vtc.from_pretrained(str(tmp_path / "does-not-exist"), method="nope")

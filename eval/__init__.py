@@ -1,0 +1,1 @@
+"""Evaluation: cost meters, the toy benchmark, and (later) the sweep CLI and lmms-eval plugin."""

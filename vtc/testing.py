@@ -91,3 +91,19 @@ def tiny_inputs(
         masks.append(torch.cat([torch.zeros(pad[b], dtype=torch.long), torch.ones(len(seq), dtype=torch.long)]))
     pixel = torch.randn(batch * images, 3, size, size, generator=gen).to(model.dtype)
     return {"input_ids": torch.stack(rows), "attention_mask": torch.stack(masks), "pixel_values": pixel}
+
+
+def llava15_shaped(*, width: int = 256, layers: int = 32, vision_layers: int = 24, vision_width: int = 256,
+                   attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """LLaVA-1.5-7B's geometry at reduced width: 336px / patch 14 = 576 tokens per image,
+    a 24-layer tower read at layer -2, a 32-layer LLM (MLP ratio 11008/4096, head size 32).
+
+    Example:
+        >>> llava15_shaped(width=64, layers=4, vision_layers=3, vision_width=32).config.image_seq_length
+        576
+    """
+    return tiny_llava(
+        image_size=336, patch_size=14, vision_layers=vision_layers, vision_hidden=vision_width, layers=layers,
+        hidden=width, intermediate=int(width * 11008 / 4096), heads=max(1, width // 32), kv_heads=max(1, width // 32),
+        vocab=32064, attn=attn, dtype=dtype, seed=seed,
+    )

@@ -1,0 +1,128 @@
+"""The ``vtc`` command line: list methods and models, print a plan, run the demo.
+
+    vtc methods                      # each method, one line, with its native parameters
+    vtc models                       # supported model classes
+    vtc plan --method fastv --budget 192 [--model PATH_OR_ID]
+    vtc demo                         # plans, token counts and prefill speedups on a random model
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import vtc
+from vtc.registry import methods
+
+
+def _number(text: str) -> int | float:
+    """A budget on the command line: ``192`` is a count, ``0.25`` a fraction."""
+    return float(text) if "." in text else int(text)
+
+
+def _params(items: list[str]) -> dict:
+    """``key=value`` pairs; values parsed as numbers or comma-separated int tuples when they look like them."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if "," in value:
+            out[key] = tuple(int(v) for v in value.split(","))
+        else:
+            try:
+                out[key] = _number(value)
+            except ValueError:
+                out[key] = value
+    return out
+
+
+def _meta_model(name: str):
+    """The model's architecture without weights (config only), enough for a plan."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    if name == "llava-1.5-shape":
+        from vtc.testing import llava15_shaped
+
+        with torch.device("meta"):
+            return llava15_shaped()
+    config = AutoConfig.from_pretrained(name)
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def cmd_methods(args) -> None:
+    for name, cls in sorted(methods().items()):
+        print(f"{name:10s} {cls.summary}")
+        print(f"{'':10s}   parameters: {cls.describe_params()}")
+
+
+def cmd_models(args) -> None:
+    for name in vtc.list_models():
+        print(name)
+
+
+def cmd_plan(args) -> None:
+    model = _meta_model(args.model)
+    print(vtc.plan(model, args.method, args.budget, **_params(args.param)))
+
+
+def cmd_demo(args) -> None:
+    import torch
+
+    from vtc.eval.cost import interleaved_medians, timed
+    from vtc.testing import llava15_shaped, tiny_inputs
+
+    torch.manual_seed(0)
+    print("Building a LLaVA-1.5-shaped model at reduced width (random weights, 576 tokens per image)...")
+    model = llava15_shaped(width=args.width, vision_width=args.width)
+    inputs = tiny_inputs(model, text=64)
+    rows, fns = [], {"unpatched": lambda: timed(lambda: model(**inputs, logits_to_keep=1))}
+    for method in vtc.list_methods():
+        plan = vtc.plan(model, method, args.budget)
+        print(f"\n{plan}")
+        with vtc.compressed(model, method, args.budget), torch.no_grad():
+            model(**inputs, logits_to_keep=1)
+            rows.append((method, vtc.stats(model)))
+
+        def run(method=method):
+            with vtc.compressed(model, method, args.budget):
+                return timed(lambda: model(**inputs, logits_to_keep=1))
+
+        fns[method] = run
+    print(f"\nTiming prefill ({args.rounds} interleaved rounds)...")
+    with torch.no_grad():
+        times = interleaved_medians(fns, rounds=args.rounds, timer=False)
+    print(f"\n{'method':10s} {'entering LLM':>12s} {'equivalent':>10s} {'FLOPs':>8s} {'speedup':>8s}")
+    print(f"{'unpatched':10s} {576:12d} {576:10.0f} {'100%':>8s} {'1.00x':>8s}")
+    for method, s in rows:
+        print(f"{method:10s} {s.tokens_entering_llm:12d} {s.equivalent_tokens:10.1f} {s.flops_ratio:8.0%} "
+              f"{times['unpatched'] / times[method]:7.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vtc", description="Training-free visual token compression for VLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("methods", help="list the methods and their native parameters").set_defaults(fn=cmd_methods)
+    sub.add_parser("models", help="list the supported model classes").set_defaults(fn=cmd_models)
+    p = sub.add_parser("plan", help="print the plan a method compiles to on a model (no weights loaded)")
+    p.add_argument("--model", default="llava-1.5-shape", help="hub id or path (config only), or llava-1.5-shape")
+    p.add_argument("--method", required=True)
+    p.add_argument("--budget", type=_number, default=None, help="tokens per image (int) or fraction (float)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a native parameter")
+    p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("demo", help="plans, token counts and prefill speedups on a random LLaVA-1.5-shaped model")
+    p.add_argument("--budget", type=_number, default=192)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3)
+    p.set_defaults(fn=cmd_demo)
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except vtc.VtcError as e:
+        print(f"vtc: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

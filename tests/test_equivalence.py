@@ -146,3 +146,23 @@ def test_apply_twice_is_refused(model):
     vtc.remove(model)
     with pytest.raises(vtc.VtcError, match="nothing to remove"):
         vtc.remove(model)
+
+
+@pytest.mark.parametrize("case", ["fastv", "vtc_cls"])
+def test_beam_search_and_several_returns(model, case):
+    inputs = tiny_inputs(model, batch=2, pad=[0, 2], seed=5)
+    with vtc.compressed(model, METHODS[case][0], **METHODS[case][1]):
+        out = model.generate(**inputs, max_new_tokens=3, num_beams=3, num_return_sequences=2, do_sample=False,
+                             pad_token_id=0)
+        assert vtc.stats(model).equivalent_tokens < model.config.image_seq_length
+    assert out.shape == (4, inputs["input_ids"].shape[1] + 3)
+
+
+def test_from_pretrained_applies_and_routes_parameters(tmp_path):
+    from vtc.testing import tiny_llava
+
+    tiny_llava().save_pretrained(tmp_path)
+    model = vtc.from_pretrained(str(tmp_path), method="fastv", layer=3, keep=4, dtype=torch.float32)
+    assert vtc.is_applied(model)
+    assert model.__dict__["_vtc"].plan.stages[0].where == "layer:3"
+    assert model.dtype == torch.float32 and not model.training

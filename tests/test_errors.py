@@ -112,3 +112,13 @@ def test_drifted_signature_is_refused(model, monkeypatch):
 def test_from_pretrained_checks_method_before_loading(tmp_path):
     with pytest.raises(vtc.UnknownMethodError):
         vtc.from_pretrained(str(tmp_path / "does-not-exist"), method="nope")
+
+
+def test_drifted_decoder_layer_is_refused(model, monkeypatch):
+    from vtc.patches import decoder
+
+    monkeypatch.setattr(decoder, "LAYER_KWARGS", (*decoder.LAYER_KWARGS, "cache_position"))
+    with pytest.raises(vtc.UnsupportedConfigurationError, match="no parameter.*cache_position"):
+        vtc.apply(model, "fastv")
+    assert not vtc.is_applied(model) and "forward" not in model.model.__dict__
+    assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)

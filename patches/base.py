@@ -107,11 +107,15 @@ class Installation:
         self._seq: SequenceState | None = None  # the prefill's sequence state, for layer stages
         self._step: dict | None = None  # per decode step scratch, None at prefill
         self.last_stats: Stats | None = None
+        # A stage that keeps every token it receives is skipped: no scoring, no gather.
+        reaching = [plan.image_tokens, *(s.keep for s in plan.stages)]
+        active = tuple(s for s, n in zip(plan.stages, reaching) if s.keep < n)
+        self.vision_stages = tuple(s for s in active if s.layer is None)
         self.layer_stages = LayerStages(
-            adapter.decoder_layers(), adapter.rotary(), plan.layer_stages,
+            adapter.decoder_layers(), adapter.rotary(), tuple(s for s in active if s.layer is not None),
             state=lambda: self._seq, decoding=lambda: self._step,
         )
-        self.cls_layers = sorted({i for s in plan.vision_stages if s.scorer.kind == "cls_attention"
+        self.cls_layers = sorted({i for s in self.vision_stages if s.scorer.kind == "cls_attention"
                                   for i in s.scorer.layers})
 
     # -- install / remove --------------------------------------------------------------
@@ -209,7 +213,7 @@ class Installation:
         feats_t = torch.stack(feats)  # [B * per_sample, n, D]
         index = torch.arange(n, device=feats_t.device).expand(feats_t.shape[0], n)
         kept = {}
-        for stage in self.plan.vision_stages:
+        for stage in self.vision_stages:
             scores = self._vision_scores(stage, out, feats, a)
             keep = ops.topk_keep(ops.gather_tokens(scores, index), stage.keep)
             index, feats_t = ops.gather_tokens(index, keep), ops.gather_tokens(feats_t, keep)
@@ -218,16 +222,17 @@ class Installation:
         image_rows = placeholders.gather(2, index.view(bsz, per_sample, -1).to(placeholders.device))
         rows = torch.cat([text_rows, image_rows.view(bsz, -1)], dim=1).sort(dim=1).values
         total = ids.shape[1]
-        compact = any(s.positions == "compact" for s in self.plan.vision_stages)
-        if self.plan.vision_stages:
+        compact = any(s.positions == "compact" for s in self.vision_stages)
+        if self.vision_stages:
             self._reduce_inputs(a, rows, compact)
-            reduced = copy.copy(out)
-            reduced.pooler_output = list(feats_t.unbind(0))
-            mm["image"] = reduced
-            a["mm_encoder_outputs"], a["pixel_values"] = mm, None
+            out = copy.copy(out)
+            out.pooler_output = list(feats_t.unbind(0))
             self._vision = {"rows": rows, "length": total, "dropped": total - rows.shape[1], "compact": compact}
+        # Hand over the features computed here, so the original forward does not encode again.
+        mm["image"] = out
+        a["mm_encoder_outputs"], a["pixel_values"] = mm, None
         new_ids = a["input_ids"]
-        if self.plan.layer_stages:
+        if self.layer_stages.stages:
             is_image = new_ids == self.adapter.image_token_id
             k = int(is_image[0].sum()) // per_sample
             order = is_image.cumsum(dim=1) - 1

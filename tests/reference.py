@@ -23,6 +23,8 @@ def survivors(model, input_ids: torch.Tensor, plan: vtc.Plan, kept: dict) -> lis
     n = plan.image_tokens
     out = []
     for stage in plan.stages:
+        if stage.where not in kept:  # skipped: it kept every token
+            continue
         grid = kept[stage.where]  # [B, images, k]
         offsets = torch.arange(grid.shape[1])[None, :, None] * n
         image_rows = placeholders.gather(1, (grid + offsets).view(bsz, -1))

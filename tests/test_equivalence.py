@@ -166,3 +166,18 @@ def test_from_pretrained_applies_and_routes_parameters(tmp_path):
     assert vtc.is_applied(model)
     assert model.__dict__["_vtc"].plan.stages[0].where == "layer:3"
     assert model.dtype == torch.float32 and not model.training
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_vision_tower_runs_once_per_prefill(model, inputs, case):
+    calls = []
+    handle = model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with vtc.compressed(model, METHODS[case][0], **METHODS[case][1]):
+            with torch.no_grad():
+                model(**inputs)
+            assert len(calls) == 1
+            greedy(model, inputs, steps=2)
+            assert len(calls) == 2
+    finally:
+        handle.remove()

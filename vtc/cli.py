@@ -4,6 +4,7 @@
     vtc models                       # supported model classes
     vtc plan --method fastv --budget 192 [--model PATH_OR_ID]
     vtc demo                         # plans, token counts and prefill speedups on a random model
+    vtc sweep [--methods ...] [--budgets ...] [--tasks ...]   # accuracy vs budget through lmms-eval
 """
 
 from __future__ import annotations
@@ -99,6 +100,37 @@ def cmd_demo(args) -> None:
               f"{times['unpatched'] / times[method]:7.2f}x")
 
 
+def _list(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_sweep(args) -> None:
+    from vtc.eval.sweep import SweepSpec, run
+
+    flags = {
+        "model": args.model, "methods": _list(args.methods),
+        "budgets": None if args.budgets is None else [_number(b) for b in _list(args.budgets)],
+        "tasks": _list(args.tasks), "limit": args.limit, "batch_size": args.batch_size, "device": args.device,
+        "dtype": args.dtype, "attn": args.attn, "out": args.out,
+        "params": _params(args.param) or None, "include_path": args.include_path or None,
+    }
+    spec = SweepSpec.from_yaml(args.spec, **flags) if args.spec else SweepSpec(
+        **{k: v for k, v in flags.items() if v is not None})
+    out = run(spec)
+    print(f"results: {out / 'results.jsonl'}; tables: {out / 'summary.md'}; plots: {out}/accuracy_vs_*.png")
+
+
+def cmd_show(args) -> None:
+    from vtc.eval.show import show
+
+    model = processor = None
+    if args.model:
+        model, processor = vtc.from_pretrained(args.model).eval(), vtc.load_processor(args.model)
+    answer = show(args.image, args.question, args.method, args.budget, model=model, processor=processor,
+                  out=args.out, **_params(args.param))
+    print(f"answer: {answer}; kept tokens drawn in {args.out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtc", description="Training-free visual token compression for VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +147,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("sweep", help="evaluate methods x budgets x lmms-eval tasks; tables and plots",
+                       description="With no arguments: every method at 192/128/64 of 576 (as fractions) on the "
+                       "bundled toy model and toy_vqa, offline. Finished cells are skipped on rerun.")
+    p.add_argument("--model", help="hub id or path, or 'toy' (default)")
+    p.add_argument("--methods", help="comma-separated, e.g. fastv,vtc_cls (default: all)")
+    p.add_argument("--budgets", help="comma-separated counts or fractions, e.g. 192,128,64 or 0.25")
+    p.add_argument("--tasks", help="comma-separated lmms-eval tasks (default: toy_vqa)")
+    p.add_argument("--limit", type=int, help="questions per task")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device")
+    p.add_argument("--dtype", help="float32, bfloat16, float16")
+    p.add_argument("--attn", help="attention implementation: sdpa, eager, flash_attention_2")
+    p.add_argument("--out", help="output folder (default runs/sweep)")
+    p.add_argument("--param", action="append", default=[], metavar="[METHOD.]KEY=VALUE",
+                   help="a native parameter, for every method that has it or for one method")
+    p.add_argument("--include-path", action="append", default=[], help="extra lmms-eval task folder")
+    p.add_argument("--spec", help="a YAML file with the same keys (flags given here override it)")
+    p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("show", help="draw the visual tokens a method keeps at each stage")
+    p.add_argument("--image", help="image file (default: a toy scene)")
+    p.add_argument("--question", help="question (default: the toy scene's)")
+    p.add_argument("--method", default="vtc_cls")
+    p.add_argument("--budget", type=_number, default=None)
+    p.add_argument("--model", help="hub id or path (default: the toy model)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default="kept.png")
+    p.set_defaults(fn=cmd_show)
     args = parser.parse_args(argv)
     try:
         args.fn(args)

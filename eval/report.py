@@ -1,0 +1,122 @@
+"""Tables and plots from a sweep's ``results.jsonl``: the unreduced model is the reference."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+
+def _rows(out: Path) -> list[dict]:
+    from vtc.eval.sweep import read_results
+
+    return read_results(out)
+
+
+def main_metric(metrics: dict) -> str:
+    """The metric a task is judged by: its first reported one."""
+    return next(iter(metrics))
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """Header and rows of the summary (one row per cell, the full model first)."""
+    tasks = sorted({t for r in rows for t in r["metrics"]})
+    full = next((r for r in rows if r["config"]["method"] is None), None)
+    header = ["cell", "method", "budget", "tokens entering LLM", "equivalent tokens", "prefill GFLOPs",
+              "FLOPs vs full", "prefill ms/sample", "speedup", "TTFT ms", "KV cache KB/sample", "peak memory MB"]
+    for t in tasks:
+        header += [f"{t} {main_metric(rows[0]['metrics'][t]) if t in rows[0]['metrics'] else ''}".strip(),
+                   f"{t} vs full"]
+    body = []
+    order = sorted(rows, key=lambda r: (r["config"]["method"] is not None, r["config"]["method"] or "",
+                                        -(r["costs"]["equivalent_tokens"] or 0)))
+    for r in order:
+        c, cfg = r["costs"], r["config"]
+        ref = full["costs"] if full else None
+        line = [r["cell"], cfg["method"] or "full", cfg["budget"] if cfg["budget"] is not None else "",
+                _f(c["tokens_entering_llm"], 0), _f(c["equivalent_tokens"], 1), _f(_div(c["flops"], 1e9), 4),
+                _pct(_div(c["flops"], ref["flops"]) if ref else None), _f(_mul(c["prefill_s_per_sample"], 1e3), 2),
+                _x(_div(ref["prefill_s_per_sample"], c["prefill_s_per_sample"]) if ref else None),
+                _f(_mul(c["ttft_s"], 1e3), 1), _f(_div(c["kv_cache_bytes"], 1024), 1),
+                _f(_div(c["peak_memory_bytes"], 2**20), 0)]
+        for t in tasks:
+            m = r["metrics"].get(t, {})
+            value = m.get(main_metric(m)) if m else None
+            base = full["metrics"].get(t, {}).get(main_metric(m)) if full and m else None
+            line += [_f(value, 4), _pct(_div(value, base))]
+        body.append(line)
+    return header, body
+
+
+def _div(a, b):
+    return a / b if a is not None and b else None
+
+
+def _mul(a, b):
+    return a * b if a is not None else None
+
+
+def _f(v, digits):
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def _pct(v):
+    return "" if v is None else f"{v:.1%}"
+
+
+def _x(v):
+    return "" if v is None else f"{v:.2f}x"
+
+
+def write_reports(out: str | Path) -> None:
+    """Write ``summary.md``, ``summary.csv``, ``accuracy_vs_budget.png``, ``accuracy_vs_flops.png``."""
+    out = Path(out)
+    rows = _rows(out)
+    if not rows:
+        return
+    header, body = table(rows)
+    with (out / "summary.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([header, *body])
+    cfg = rows[-1]["config"]
+    lines = [f"# Sweep: {cfg['model']} on {', '.join(cfg['tasks'])}", "",
+             f"{len(rows)} cells; limit {cfg['limit']}, batch {cfg['batch_size']}, {cfg['device']}, {cfg['dtype']}, "
+             f"attention {cfg['attn'] or 'default'}; versions {json.dumps(rows[-1]['versions'])}.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in line) + " |" for line in body]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out)
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    """Accuracy against equivalent tokens and against FLOPs, one line per method, the full
+    model dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for r in rows for t in r["metrics"]})
+    full = next((r for r in rows if r["config"]["method"] is None), None)
+    methods = sorted({r["config"]["method"] for r in rows if r["config"]["method"]})
+    for name, xkey, xlabel in [("accuracy_vs_budget", "equivalent_tokens", "equivalent visual tokens per image"),
+                               ("accuracy_vs_flops", "flops", "prefill GFLOPs per sequence (analytic)")]:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for method in methods:
+                pts = sorted((r["costs"][xkey], r["metrics"][task][main_metric(r["metrics"][task])])
+                             for r in rows if r["config"]["method"] == method and task in r["metrics"])
+                if pts:
+                    xs = [p[0] / (1e9 if xkey == "flops" else 1) for p in pts]
+                    ax.plot(xs, [p[1] for p in pts], marker="o", label=method)
+            if full and task in full["metrics"]:
+                m = full["metrics"][task]
+                ax.axhline(m[main_metric(m)], color="black", linestyle="--", label="full model")
+            metric = main_metric(rows[0]["metrics"][task]) if task in rows[0]["metrics"] else "score"
+            ax.set(title=task, xlabel=xlabel, ylabel=metric)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        model = rows[-1]["config"]["model"]
+        fig.suptitle(f"{model}: {name.replace('_', ' ')}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=120)
+        plt.close(fig)

@@ -28,6 +28,21 @@ def manifest():
     return ModelManifest(model_id="vtc", simple_class_path="vtc.eval.lmms_plugin.VtcLMM")
 
 
+def process_device(device: str | None) -> str:
+    """The device of this process: under ``accelerate launch`` with several processes, its own GPU.
+
+    Example:
+        >>> process_device("cpu")
+        'cpu'
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1 and state.device.type == "cuda":
+        return str(state.device)
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _dtype(value) -> torch.dtype:
     return value if isinstance(value, torch.dtype) else getattr(torch, str(value))
 
@@ -58,13 +73,7 @@ class VtcLMM(lmms):
         **method_params,
     ) -> None:
         super().__init__()
-        from accelerate import Accelerator
-
-        accelerator = Accelerator()
-        if accelerator.num_processes > 1:
-            device = f"cuda:{accelerator.local_process_index}"
-            self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = process_device(device)
         if pretrained is None:
             from vtc.eval.toy import MODEL_PATH
 
@@ -96,6 +105,11 @@ class VtcLMM(lmms):
             super().clean()
 
     def _setup(self, model, processor, batch_size: int, max_new_tokens: int) -> None:
+        from accelerate import Accelerator
+
+        # Under `accelerate launch`, lmms-eval gives each process its share of the requests.
+        self.accelerator = Accelerator()
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.model, self.processor = model.eval(), processor
         self.tokenizer = processor.tokenizer
         self.batch_size = batch_size

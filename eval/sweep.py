@@ -224,7 +224,7 @@ def run(spec: SweepSpec, progress: bool = True) -> Path:
     from lmms_eval.evaluator import simple_evaluate
     from tqdm import tqdm
 
-    from vtc.eval.lmms_plugin import VtcLMM
+    from vtc.eval.lmms_plugin import VtcLMM, process_device
     from vtc.eval.report import write_reports
 
     cells, infeasible = plan_cells(spec)
@@ -244,7 +244,7 @@ def run(spec: SweepSpec, progress: bool = True) -> Path:
     kwargs = {"dtype": getattr(torch, spec.dtype)}
     if spec.attn:
         kwargs["attn_implementation"] = spec.attn
-    model = vtc.from_pretrained(path, **kwargs).to(spec.device)
+    model = vtc.from_pretrained(path, **kwargs).to(process_device(spec.device))
     processor = vtc.load_processor(path)
     lm = VtcLMM.wrap(model, processor, batch_size=spec.batch_size)
     bar = tqdm(todo, desc="sweep", unit="cell", disable=not progress)
@@ -261,7 +261,7 @@ def run(spec: SweepSpec, progress: bool = True) -> Path:
         finally:
             if cell.method is not None:
                 vtc.remove(model)
-        if results is None:  # not the main process under accelerate: rank 0 writes
+        if results is None or not lm.accelerator.is_main_process:  # under accelerate, rank 0 writes
             continue
         row = {
             "key": cell_key(spec, cell),

@@ -25,6 +25,7 @@ import torch
 import vtc
 from vtc.budget import resolve_count
 from vtc.errors import BudgetError, VtcError
+from vtc.methods.composed import create_method, split_spec
 from vtc.registry import get_adapter, get_method
 
 # LLaVA-1.5's literature budgets, 192/128/64 of 576, as fractions so they carry to any model.
@@ -73,12 +74,14 @@ class SweepSpec:
         return self.model
 
     def method_params(self, method: str) -> dict:
-        names = set(get_method(method).param_names())
+        """The ``params`` that apply to ``method`` (a name or a composition ``a+b``)."""
+        parts = split_spec(method)
         out = {}
         for key, value in self.params.items():
             scope, _, name = key.rpartition(".")
-            if (scope == method or not scope) and name in names:
-                out[name] = value
+            for part in parts:
+                if scope in ("", part, method) and name in get_method(part).param_names():
+                    out[f"{part}.{name}" if len(parts) > 1 else name] = value
         return out
 
 
@@ -107,10 +110,11 @@ def plan_cells(spec: SweepSpec) -> tuple[list[Cell], list[tuple[Cell, str]]]:
     """The cells to run and those a method cannot reach (with the reason); checks every
     method, parameter and budget against the model's configuration, loading no weights."""
     for method in spec.methods:
-        get_method(method).create(**spec.method_params(method))
+        create_method(method, spec.method_params(method))
     for key in spec.params:
         scope, _, name = key.rpartition(".")
-        if not any(name in get_method(m).param_names() for m in spec.methods if scope in ("", m)):
+        if not any(name in get_method(p).param_names() for m in spec.methods for p in split_spec(m)
+                   if scope in ("", m, p)):
             raise VtcError(f"parameter {key!r} belongs to none of the methods {spec.methods}; "
                            f"`vtc methods` lists each method's parameters")
     meta = _meta_model(spec.model_path())

@@ -20,12 +20,16 @@ METHODS = {
     "vtc_cls": ("vtc_cls", {"budget": 6}),
     "vtc_cls-keep": ("vtc_cls", {"budget": 6, "positions": "keep", "layers": (1,)}),
     "random": ("random", {"budget": 5, "seed": 3}),
+    "pdrop": ("pdrop", {"budget": 8}),
+    "pdrop-keep-positions": ("pdrop", {"ratio": 0.6, "layers": (2, 4), "positions": "keep"}),
+    "vtc_cls+pdrop": ("vtc_cls+pdrop", {"budget": 6}),
+    "random+fastv": (["random", "fastv"], {"budget": 7, "fastv.layer": 1, "seed": 2}),
 }
 
 
 def method_cases() -> list[str]:
     """Every registered method must have a case: a new method cannot skip the matrix."""
-    missing = set(vtc.list_methods()) - {m for m, _ in METHODS.values()}
+    missing = set(vtc.list_methods()) - {m for m, _ in METHODS.values() if isinstance(m, str)}
     assert not missing, f"add test settings for {missing} to METHODS in tests/conftest.py"
     return sorted(METHODS)
 

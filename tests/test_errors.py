@@ -122,3 +122,21 @@ def test_drifted_decoder_layer_is_refused(model, monkeypatch):
         vtc.apply(model, "fastv")
     assert not vtc.is_applied(model) and "forward" not in model.model.__dict__
     assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
+def test_pdrop_budget_below_reach_names_the_lowest(model):
+    with pytest.raises(vtc.BudgetError, match="pdrop with layers \\[3, 4\\].*lowest feasible budget is 8.5 tokens"):
+        vtc.plan(model, "pdrop", budget=5, layers=(3, 4))
+    with pytest.raises(vtc.VtcError, match="strictly increasing layers in \\[1, 5\\]"):
+        vtc.plan(model, "pdrop", layers=(3, 3))
+
+
+def test_composition_errors(model):
+    with pytest.raises(vtc.VtcError, match="no pre-LLM stage to compose"):
+        vtc.plan(model, "fastv+pdrop", budget=8)
+    with pytest.raises(vtc.VtcError, match="reduces before the LLM"):
+        vtc.plan(model, "vtc_cls+random", budget=8)
+    with pytest.raises(vtc.VtcError, match="belongs to both methods: prefix it"):
+        vtc.plan(model, "vtc_cls+fastv", budget=8, keep=4)
+    with pytest.raises(vtc.VtcError, match="exactly two methods"):
+        vtc.plan(model, "vtc_cls+pdrop+fastv", budget=8)

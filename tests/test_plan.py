@@ -69,3 +69,22 @@ def test_stats_report_what_the_forward_did(model):
     assert lengths == [text + 2 * n for n in stats.tokens_per_layer]
     assert stats.kept["layer:2"].shape == (1, 2, plan.stages[0].keep)
     assert 0 < stats.flops_ratio < 1 and "fastv" in str(stats)
+
+
+def test_pdrop_defaults_and_budget_solving():
+    plan = get_method("pdrop").create().compile(LLAVA15)
+    assert [s.where for s in plan.stages] == ["layer:8", "layer:16", "layer:24"]
+    assert [s.keep for s in plan.stages] == [288, 144, 72] and plan.stages[0].positions == "compact"
+    assert plan.stages[0].scorer.layers == (8,)  # scored with the stage layer's own modules
+    low = get_method("pdrop").create().compile(LLAVA15, 64)
+    assert low.stages[0].where == "layer:2" and abs(low.equivalent_tokens - 64) < 1
+
+
+def test_composed_plan_splits_the_budget():
+    from vtc.methods.composed import create_method
+
+    plan = create_method("vtc_cls+pdrop", {}).compile(LLAVA15, 64)
+    assert plan.method == "vtc_cls+pdrop" and plan.tokens_entering_llm == 128
+    assert abs(plan.equivalent_tokens - 64) < 1
+    own = create_method(["vtc_cls", "pdrop"], {"vtc_cls.keep": 96}).compile(LLAVA15, 64)
+    assert own.tokens_entering_llm == 96

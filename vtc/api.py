@@ -16,13 +16,15 @@ from .registry import adapters, get_adapter, get_method, methods
 ATTR = "_vtc"
 
 
-def _make(model: nn.Module, method: str, budget, params: dict):
+def _make(model: nn.Module, method, budget, params: dict):
+    from .methods.composed import create_method
+
+    config = create_method(method, params)
     adapter = get_adapter(model)
-    config = get_method(method).create(**params)
     return adapter, config.compile(adapter.info(), budget)
 
 
-def plan(model: nn.Module, method: str, budget: int | float | None = None, **params: Any) -> Plan:
+def plan(model: nn.Module, method: str | list[str], budget: int | float | None = None, **params: Any) -> Plan:
     """The plan :func:`apply` would install, without installing it.
 
     Example:
@@ -33,11 +35,12 @@ def plan(model: nn.Module, method: str, budget: int | float | None = None, **par
     return _make(model, method, budget, params)[1]
 
 
-def apply(model: nn.Module, method: str, budget: int | float | None = None, **params: Any) -> nn.Module:
+def apply(model: nn.Module, method: str | list[str], budget: int | float | None = None, **params: Any) -> nn.Module:
     """Install ``method`` on this model instance (only); returns the model.
 
     ``budget`` is visual tokens per image averaged over the LLM's layers (int: a count; float
-    in (0, 1]: a fraction); ``params`` are the method's native parameters.
+    in (0, 1]: a fraction); ``params`` are the method's native parameters. ``method`` may
+    compose a pre-LLM and an in-LLM method: ``"vtc_cls+pdrop"`` or ``["vtc_cls", "pdrop"]``.
 
     Example:
         >>> model = vtc.apply(model, "fastv", budget=192)  # doctest: +SKIP
@@ -131,11 +134,16 @@ def list_models() -> list[str]:
     return sorted(name for cls in adapters() for name in cls.class_names)
 
 
-def _split_params(method: str | None, kwargs: dict) -> tuple[dict, dict]:
+def _split_params(method, kwargs: dict) -> tuple[dict, dict]:
+    """Keyword arguments named like a parameter of the method(s) (or ``method.param``) go to vtc."""
+    from .methods.composed import split_spec
+
     if method is None:
         return {}, kwargs
-    names = set(get_method(method).param_names())
-    return {k: v for k, v in kwargs.items() if k in names}, {k: v for k, v in kwargs.items() if k not in names}
+    names = split_spec(method)
+    known = {p for n in names for p in get_method(n).param_names()}
+    mine = {k for k in kwargs if k.rpartition(".")[2] in known and k.rpartition(".")[0] in ("", *names)}
+    return {k: kwargs[k] for k in mine}, {k: v for k, v in kwargs.items() if k not in mine}
 
 
 def from_pretrained(
@@ -154,9 +162,11 @@ def from_pretrained(
     """
     from transformers import AutoModelForImageTextToText
 
+    from .methods.composed import create_method
+
     method_params, hf_kwargs = _split_params(method, kwargs)
     if method is not None:
-        get_method(method).create(**method_params)  # fail before loading
+        create_method(method, method_params)  # fail before loading
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, **hf_kwargs)
     model.eval()
     get_adapter(model)  # an unsupported family fails here, whatever the method

@@ -29,11 +29,12 @@ from vtc import ops
 from vtc.errors import UnsupportedConfigurationError, VtcError
 from vtc.flops import Stats, make_stats
 from vtc.plan import ModelInfo, Plan, Stage
+from vtc.reduce import reduce_vision
 
 from .decoder import LayerStages, SequenceState
 
 _MISSING = object()
-SCORES_ATTR = "vtc_cls_scores"  # set on the vision output: {id(feature tensor): scores [N]}
+SIGNALS_ATTR = "vtc_signals"  # set on the vision output: {id(feature tensor): {"cls": [N], "keysL": [N, C]}}
 
 
 class Adapter:
@@ -85,8 +86,9 @@ class Adapter:
         """Run the vision tower for the base forward's ``arguments``; returns its output object."""
         raise NotImplementedError
 
-    def patch_scores(self, cls_row: torch.Tensor, arguments: dict) -> torch.Tensor:
-        """Map the tower's [CLS] attention row ``[images, 1 + patches]`` to one score per feature token."""
+    def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> torch.Tensor:
+        """Map a per-token tower quantity ``[images, tower tokens, ...]`` (a [CLS] attention row,
+        keys) to one entry per feature token the LLM receives."""
         raise NotImplementedError
 
     def vision_hidden_size(self) -> int:
@@ -117,14 +119,16 @@ class Installation:
         )
         self.cls_layers = sorted({i for s in self.vision_stages if s.scorer.kind == "cls_attention"
                                   for i in s.scorer.layers})
+        self.key_layers = sorted({s.metric.layers[0] for s in self.vision_stages
+                                  if s.metric is not None and s.metric.kind == "keys"})
 
     # -- install / remove --------------------------------------------------------------
     def install(self) -> None:
         try:
             self._wrap(self.base, "forward", self._forward_wrapper)
-            if self.cls_layers:
+            if self.cls_layers or self.key_layers:
                 self._wrap(self.base, "get_image_features", self._features_wrapper)
-                for layer in self.cls_layers:
+                for layer in sorted({*self.cls_layers, *self.key_layers}):
                     module = self.adapter.vision_attention(layer)
                     self._handles.append(module.register_forward_pre_hook(self._capture(layer), with_kwargs=True))
             self.layer_stages.install()
@@ -214,9 +218,11 @@ class Installation:
         index = torch.arange(n, device=feats_t.device).expand(feats_t.shape[0], n)
         kept = {}
         for stage in self.vision_stages:
-            scores = self._vision_scores(stage, out, feats, a)
-            keep = ops.topk_keep(ops.gather_tokens(scores, index), stage.keep)
-            index, feats_t = ops.gather_tokens(index, keep), ops.gather_tokens(feats_t, keep)
+            scores, metric = self._vision_signals(stage, out, feats)
+            scores = None if scores is None else ops.gather_tokens(scores, index)
+            metric = None if metric is None else ops.gather_tokens(metric, index)
+            feats_t, local = reduce_vision(stage, feats_t, scores, metric)
+            index = ops.gather_tokens(index, local)
             kept[stage.where] = index.view(bsz, per_sample, -1)
         text_rows = (~image_mask).nonzero()[:, 1].view(bsz, -1)
         image_rows = placeholders.gather(2, index.view(bsz, per_sample, -1).to(placeholders.device))
@@ -271,25 +277,31 @@ class Installation:
         if a["inputs_embeds"] is not None:
             a["inputs_embeds"] = ops.gather_tokens(a["inputs_embeds"], rows)
 
-    def _vision_scores(self, stage: Stage, out, feats: list[torch.Tensor], a: dict) -> torch.Tensor:
+    def _vision_signals(self, stage: Stage, out, feats: list[torch.Tensor]):
+        """Scores ``[I, N]`` and merge metric ``[I, N, C]`` of a vision stage, in grid order."""
         n = self.info.image_tokens
+        captured = getattr(out, SIGNALS_ATTR, None) or {}
+        needs_tower = stage.scorer.kind == "cls_attention" or (stage.metric and stage.metric.kind == "keys")
+        if needs_tower and any(id(f) not in captured for f in feats):
+            raise VtcError(
+                "this method reads the vision tower's attention while it runs: pass pixel_values (not "
+                "precomputed image features) with vtc applied"
+            )
+        scores = metric = None
         if stage.scorer.kind == "random":
             gen = torch.Generator().manual_seed(stage.scorer.seed)
-            return torch.rand(n, generator=gen).to(feats[0].device).expand(len(feats), n)
-        if stage.scorer.kind == "cls_attention":
-            by_id = getattr(out, SCORES_ATTR, None) or {}
-            if any(id(f) not in by_id for f in feats):
-                raise VtcError(
-                    "this method ranks patches by the vision tower's [CLS] attention, which vtc reads while "
-                    "the tower runs: pass pixel_values (not precomputed image features) with vtc applied"
-                )
-            return torch.stack([by_id[id(f)] for f in feats])
-        raise VtcError(f"scorer {stage.scorer.kind!r} cannot run at a vision stage")
+            scores = torch.rand(n, generator=gen).to(feats[0].device).expand(len(feats), n)
+        elif stage.scorer.kind == "cls_attention":
+            scores = torch.stack([captured[id(f)]["cls"] for f in feats])
+        elif stage.scorer.kind not in ("none",):
+            raise VtcError(f"scorer {stage.scorer.kind!r} cannot run at a vision stage")
+        if stage.metric is not None and stage.metric.kind == "keys":
+            metric = torch.stack([captured[id(f)][f"keys{stage.metric.layers[0]}"] for f in feats])
+        return scores, metric
 
     def _decode_step(self, a: dict) -> None:
-        ids = a["input_ids"]
-        if ids is not None and bool((ids == self.adapter.image_token_id).any()):
-            raise VtcError("vtc reduces images at prefill only: a decode step cannot add an image")
+        if a["pixel_values"] is not None or (a["mm_encoder_outputs"] or {}).get("image") is not None:
+            raise VtcError("vtc reduces images at prefill only: a step with a cache cannot add an image")
         self._step = {"state": self._seq}
         v = self._vision
         if v is None:
@@ -307,7 +319,10 @@ class Installation:
     def _capture(self, layer: int):
         def hook(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self._captured[layer] = ops.cls_attention(module, hidden)
+            if layer in self.cls_layers:
+                self._captured[layer] = ops.cls_attention(module, hidden)
+            if layer in self.key_layers:
+                self._captured[f"keys{layer}"] = module.k_proj(hidden)
 
         return hook
 
@@ -318,11 +333,16 @@ class Installation:
             out = original(*args, **kwargs)
             if not self._captured:
                 return out
-            # The score is the [CLS] row averaged over the vision layers the plan reads.
-            row = torch.stack([self._captured[i] for i in self.cls_layers]).mean(dim=0)
-            scores = self.adapter.patch_scores(row, kwargs)
+            signals: dict[str, torch.Tensor] = {}
+            if self.cls_layers:
+                # The score is the [CLS] row averaged over the vision layers the plan reads.
+                row = torch.stack([self._captured[i] for i in self.cls_layers]).mean(dim=0)
+                signals["cls"] = self.adapter.patch_tokens(row, kwargs)
+            for layer in self.key_layers:
+                signals[f"keys{layer}"] = self.adapter.patch_tokens(self._captured[f"keys{layer}"], kwargs)
             feats = list(out.pooler_output)
-            setattr(out, SCORES_ATTR, {id(f): s for f, s in zip(feats, scores)})
+            per_image = [{k: v[i] for k, v in signals.items()} for i in range(len(feats))]
+            setattr(out, SIGNALS_ATTR, {id(f): sig for f, sig in zip(feats, per_image)})
             self._captured.clear()
             return out
 

@@ -87,9 +87,7 @@ class LlavaAdapter(Adapter):
             **a.get("kwargs", {}),
         )
 
-    def patch_scores(self, cls_row: torch.Tensor, arguments: dict) -> torch.Tensor:
+    def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> torch.Tensor:
         strategy = arguments.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
-        if strategy == "default":
-            return cls_row[:, 1:]
-        # "full" keeps the [CLS] token among the features: never drop it.
-        return torch.cat([torch.full_like(cls_row[:, :1], float("inf")), cls_row[:, 1:]], dim=1)
+        # "default" drops the [CLS] token from the features; "full" keeps it.
+        return per_token[:, 1:] if strategy == "default" else per_token

@@ -41,18 +41,28 @@ def reference_logits(
     pixel_values: torch.Tensor,
     stages: list[tuple[int, torch.Tensor, bool]],
     position_ids: torch.Tensor | None = None,
+    vision_embeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of every row ``[B, P, V]`` and the rows surviving all stages ``[B, n]``.
 
     Rows appended after the prompt (generated tokens) are always kept; ``stages`` refer to
-    prompt rows only, so pass the prompt's stages with a longer ``input_ids``.
+    prompt rows only, so pass the prompt's stages with a longer ``input_ids``. A method that
+    merges or pools before the LLM changes features, not only rows: ``vision_embeds`` (the
+    LLM input the patched model built, ``[B, n, D]``) replaces the rows surviving the first
+    stage, so the reference checks everything after the reduction itself.
     """
     lm = model.model.language_model
     bsz, total = input_ids.shape
     embeds = model.model.get_input_embeddings()(input_ids)
     feats = torch.cat(list(model.model.get_image_features(pixel_values=pixel_values).pooler_output))
-    image = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    image = input_ids == model.config.image_token_id
+    image &= image.cumsum(dim=1) <= feats.shape[0] // bsz  # the prompt's; a generated one is a plain token
+    image = image.unsqueeze(-1)
     embeds = embeds.masked_scatter(image, feats.to(embeds.dtype))
+    if vision_embeds is not None and stages and stages[0][0] == 0:
+        rows = stages[0][1]
+        embeds = embeds.clone()
+        embeds.scatter_(1, rows[..., None].expand(-1, -1, embeds.shape[-1]), vision_embeds[:, : rows.shape[1]])
     pos = torch.arange(total)[None].expand(bsz, -1) if position_ids is None else position_ids.clone()
 
     # Which rows each layer may attend to, and the RoPE positions it uses.

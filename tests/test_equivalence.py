@@ -34,18 +34,28 @@ def test_full_budget_is_identity(model, inputs, case):
     assert torch.equal(tokens, ref_tokens)
 
 
+def llm_inputs(model):
+    """Record the embeddings the language model receives (first call: the prefill)."""
+    seen = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["inputs_embeds"]) if not seen else None, with_kwargs=True)
+    return seen, handle
+
+
 def _check_against_reference(model, inputs, case, position_ids=None):
     method, params = METHODS[case]
     vtc.apply(model, method, **params)
+    seen, handle = llm_inputs(model)
     try:
         with torch.no_grad():
             logits = model(**inputs, position_ids=position_ids).logits
         stats = vtc.stats(model)
         plan = model._vtc.plan
     finally:
+        handle.remove()
         vtc.remove(model)
     stages = survivors(model, inputs["input_ids"], plan, stats.kept)
-    ref, rows = reference_logits(model, **inputs, stages=stages, position_ids=position_ids)
+    ref, rows = reference_logits(model, **inputs, stages=stages, position_ids=position_ids, vision_embeds=seen[0])
     assert logits.shape[1] == rows.shape[1], "physical drop left a different number of rows"
     expected = ref.gather(1, rows[..., None].expand(-1, -1, ref.shape[-1]))
     real = inputs["attention_mask"].gather(1, rows).bool()
@@ -72,17 +82,20 @@ def test_drop_equals_mask_two_images_padded(model, case):
 def test_cached_generation_equals_recomputation(model, case):
     inputs = tiny_inputs(model, batch=2, pad=[2, 0], seed=2)
     vtc.apply(model, METHODS[case][0], **METHODS[case][1])
+    seen, handle = llm_inputs(model)
     try:
         tokens, step_logits = greedy(model, inputs, steps=4)
         stats, plan = vtc.stats(model), model._vtc.plan
     finally:
+        handle.remove()
         vtc.remove(model)
     stages = survivors(model, inputs["input_ids"], plan, stats.kept)
     for t in range(tokens.shape[1]):
         ids = torch.cat([inputs["input_ids"], tokens[:, :t]], dim=1)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :t])], dim=1)
         pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
-        ref, _ = reference_logits(model, ids, mask, inputs["pixel_values"], stages, position_ids=pos)
+        ref, _ = reference_logits(model, ids, mask, inputs["pixel_values"], stages, position_ids=pos,
+                                  vision_embeds=seen[0])
         torch.testing.assert_close(step_logits[:, t], ref[:, -1], atol=1e-4, rtol=1e-4)
         assert torch.equal(ref[:, -1].argmax(-1), tokens[:, t])
 

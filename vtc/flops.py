@@ -29,7 +29,7 @@ def layer_flops(info: ModelInfo, n: int) -> float:
         >>> info = ModelInfo("x", 576, 32, 24, 22, True, hidden_size=4096, intermediate_size=11008,
         ...                  num_heads=32, num_kv_heads=32, head_dim=128)
         >>> round(layer_flops(info, 640) / 1e9, 1)
-        113.9
+        265.8
     """
     d, m = info.hidden_size, info.intermediate_size
     hc, gc = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-SCORERS = ("cls_attention", "query_attention", "random")
-REDUCERS = ("topk",)
+SCORERS = ("cls_attention", "query_attention", "random", "keys", "none")
+REDUCERS = ("topk", "merge", "pool", "dominant+context")
 POSITIONS = ("keep", "compact")
 
 
@@ -46,6 +46,8 @@ class Scorer:
     ``cls_attention``: the vision tower's [CLS]-to-patch attention, averaged over the vision
     layers ``layers``. ``query_attention``: attention of the last prompt token at LLM layer
     ``layers[0]``, computed from that layer's input. ``random``: a seeded random ranking.
+    ``keys``: not a ranking but a similarity metric for merging, the attention keys of
+    vision layer ``layers[0]``. ``none``: no signal (pooling).
 
     Example:
         >>> str(Scorer("query_attention", (1,)))
@@ -65,6 +67,10 @@ class Scorer:
             return f"cls_attention@vision{list(self.layers)}"
         if self.kind == "query_attention":
             return f"query_attention@L{self.layers[0]}"
+        if self.kind == "keys":
+            return f"keys@vision[{self.layers[0]}]"
+        if self.kind == "none":
+            return "-"
         return f"random(seed={self.seed})"
 
 
@@ -73,7 +79,9 @@ class Stage:
     """One reduction: at ``where``, rank with ``scorer``, keep ``keep`` visual tokens per image.
 
     ``positions`` says what RoPE positions survivors get: their original ones (``keep``)
-    or re-indexed contiguously (``compact``).
+    or re-indexed contiguously (``compact``). Vision stages may also merge or pool
+    (``reducer``), with ``metric`` the similarity they merge by and ``options`` the
+    reducer's settings (``dominant`` for ``dominant+context``).
 
     Example:
         >>> Stage("layer:2", Scorer("query_attention", (1,)), keep=288).layer
@@ -85,6 +93,8 @@ class Stage:
     keep: int
     reducer: str = "topk"
     positions: Literal["keep", "compact"] = "keep"
+    metric: Scorer | None = None
+    options: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.where != "vision" and not (self.where.startswith("layer:") and self.where[6:].isdigit()):
@@ -95,6 +105,15 @@ class Stage:
             raise ValueError(f"positions={self.positions!r}: use one of {POSITIONS}")
         if self.keep < 1:
             raise ValueError(f"a stage must keep at least one token per image, got {self.keep}")
+        if self.reducer != "topk" and self.where != "vision":
+            raise ValueError(f"reducer {self.reducer!r} runs before the LLM only; layer stages keep top-k")
+
+    @property
+    def reducer_label(self) -> str:
+        """The reducer with what it merges by, for printing."""
+        extra = [str(self.metric)] if self.metric else []
+        extra += [f"{k}={v}" for k, v in self.options]
+        return f"{self.reducer}({', '.join(extra)})" if extra else self.reducer
 
     @property
     def layer(self) -> int | None:
@@ -167,7 +186,7 @@ class Plan:
         rows = [("stage", "where", "scorer", "reducer", "positions", "tokens kept")]
         rows.append(("0", "input", "-", "-", "-", str(self.image_tokens)))
         for i, s in enumerate(self.stages, 1):
-            rows.append((str(i), s.where, str(s.scorer), s.reducer, s.positions, str(s.keep)))
+            rows.append((str(i), s.where, str(s.scorer), s.reducer_label, s.positions, str(s.keep)))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         lines = [f"plan {self.method}: {self.image_tokens} visual tokens per image, {self.num_layers} layers"]
         for r in rows:

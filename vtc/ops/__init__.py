@@ -2,7 +2,8 @@
 
 Nothing here knows a model family: selection (:func:`topk_keep`, :func:`gather_tokens`),
 attention scores from a module's own projections (:func:`query_attention`,
-:func:`cls_attention`) and merging (:func:`bipartite_soft_matching`).
+:func:`cls_attention`), merging (:func:`bipartite_soft_matching`, :func:`merge_to`,
+:func:`dominant_and_context`) and pooling (:func:`pool_grid`).
 
 Example:
     >>> import torch
@@ -14,14 +15,18 @@ Example:
 
 from .attention import apply_rope, cls_attention, query_attention, rotate_half
 from .merge import bipartite_soft_matching, merge_weighted
+from .reduce import dominant_and_context, merge_to, pool_grid
 from .select import gather_tokens, topk_keep
 
 __all__ = [
     "apply_rope",
     "bipartite_soft_matching",
     "cls_attention",
+    "dominant_and_context",
     "gather_tokens",
+    "merge_to",
     "merge_weighted",
+    "pool_grid",
     "query_attention",
     "rotate_half",
     "topk_keep",

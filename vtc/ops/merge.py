@@ -19,7 +19,8 @@ def bipartite_soft_matching(
     similar partners are merged into them. Returns closures ``merge(x, mode="mean")`` taking
     any ``[B, N, C']`` tensor to ``[B, N - r, C']`` (survivors in original order; ``mode`` is
     ``"mean"`` or ``"sum"``) and ``unmerge(y)`` taking it back to ``[B, N, C']``, each merged
-    token copying its destination. For size-weighted means use :func:`merge_weighted`.
+    token copying its destination. ``merge.survivors`` holds the original index of each
+    output token. For size-weighted means use :func:`merge_weighted`.
 
     Example:
         >>> x = torch.tensor([[[1., 0.], [1., 0.1], [0., 1.], [0.1, 1.]]])
@@ -64,6 +65,7 @@ def bipartite_soft_matching(
         full[:, ::2] = a_full
         return full
 
+    merge.survivors = survivors.gather(1, out_order)  # original index of each output token
     return merge, unmerge
 
 

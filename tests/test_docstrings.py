@@ -1,0 +1,25 @@
+"""The examples in the public docstrings run and print what they say."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+import vtc
+
+MODULES = [
+    "vtc", "vtc.budget", "vtc.plan", "vtc.flops", "vtc.reduce", "vtc.registry", "vtc.errors",
+    "vtc.ops.select", "vtc.ops.attention", "vtc.ops.merge", "vtc.ops.reduce",
+    "vtc.methods.base", "vtc.methods.fastv", "vtc.methods.vtc_cls", "vtc.methods.random", "vtc.methods.pdrop",
+    "vtc.methods.pool", "vtc.methods.tome", "vtc.methods.visionzip", "vtc.methods.composed",
+    "vtc.patches.llava", "vtc.patches.decoder", "vtc.testing", "vtc.api",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, extraglobs={"vtc": vtc}, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0

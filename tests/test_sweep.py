@@ -141,3 +141,13 @@ def test_show_draws_each_stage(toy_shaped, tmp_path):
     answer = show(method="vtc_cls", budget=16, model=model, processor=processor, out=tmp_path / "kept.png")
     assert isinstance(answer, str) and (tmp_path / "kept.png").stat().st_size > 5_000
     assert not vtc.is_applied(model)
+
+
+def test_plugin_takes_a_composed_method(toy_shaped):
+    from lmms_eval.models import get_model
+
+    lm = get_model("vtc").create_from_arg_string(f"pretrained={toy_shaped},method=vtc_cls+pdrop,budget=20,"
+                                                 f"vtc_cls.keep=48,device=cpu")
+    plan = lm.model.__dict__["_vtc"].plan
+    assert plan.method == "vtc_cls+pdrop" and plan.tokens_entering_llm == 48
+    assert len(plan.layer_stages) == 3 and abs(plan.equivalent_tokens - 20) < 1

@@ -26,6 +26,8 @@ from vtc.errors import UnsupportedConfigurationError
 from vtc.plan import Stage
 
 LAYER_KWARGS = ("attention_mask", "position_ids", "cache", "position_embeddings")
+# Scorers that run inside the LLM, from a decoder layer's input: (layer, hidden, (cos, sin), key_mask).
+SCORERS = {"query_attention": ops.query_attention, "pagerank": ops.attention_pagerank}
 
 
 def check_layer_signature(layer: nn.Module) -> None:
@@ -78,7 +80,7 @@ def select_per_image(
         tensor([[0, 2, 3, 4]])
     """
     parts = [(image_of < 0).nonzero()[:, 1].view(scores.shape[0], -1)]
-    for img in range(num_images):
+    for img in range(num_images if keep > 0 else 0):
         mine = image_of == img
         if keep >= int(mine[0].sum()):
             parts.append(mine.nonzero()[:, 1].view(scores.shape[0], -1))
@@ -117,7 +119,10 @@ class LayerStages:
         self.layers, self.rotary, self.stages = layers, rotary, stages
         self.state, self.decoding = state, decoding
         self.by_layer = {s.layer: s for s in stages}
-        self.score_layers = {s.scorer.layers[0]: s.layer for s in stages if s.scorer.kind == "query_attention"}
+        # Which stage each scoring layer serves. A score for a stage at the same layer is taken
+        # on the rows entering it (PyramidDrop); one for a later stage on the rows this layer
+        # keeps, i.e. what its attention actually sees (FastV, AIM).
+        self.score_layers = {s.scorer.layers[0]: s for s in stages if s.scorer.kind in SCORERS}
         self.first = min([*self.by_layer, *self.score_layers]) if stages else len(layers)
         self.handles: list = []
 
@@ -153,12 +158,13 @@ class LayerStages:
         kwargs.update(state.overrides)
         hidden = args[0] if args else kwargs["hidden_states"]
         hidden_len = hidden.shape[1]
-        if index in self.score_layers:
-            state.scores[self.score_layers[index]] = ops.query_attention(
-                module, hidden, kwargs["position_embeddings"], key_mask=state.key_valid
-            )
+        scoring = self.score_layers.get(index)
+        if scoring is not None and scoring.layer == index:
+            state.scores[index] = self._score(scoring, module, hidden, kwargs, state)
         stage = self.by_layer.get(index)
         if stage is None:
+            if scoring is not None:
+                state.scores[scoring.layer] = self._score(scoring, module, hidden, kwargs, state)
             return args, kwargs
         keep = select_per_image(state.scores.pop(index), state.image_of, state.num_images, stage.keep)
         hidden = ops.gather_tokens(hidden, keep)
@@ -184,6 +190,8 @@ class LayerStages:
             else gather_mask(mask, None, keep),
         }
         kwargs.update(state.overrides)
+        if scoring is not None and scoring.layer != index:
+            state.scores[scoring.layer] = self._score(scoring, module, hidden, kwargs, state)
         shift = state.layer_shift.get(index, 0) + (hidden_len - keep.shape[1] if compact else 0)
         for later in range(index, len(self.layers)):
             state.layer_rows[later] = state.rows
@@ -193,6 +201,12 @@ class LayerStages:
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
+
+    @staticmethod
+    def _score(stage: Stage, module, hidden, kwargs, state: SequenceState) -> torch.Tensor:
+        scorer = SCORERS[stage.scorer.kind]
+        return scorer(module, hidden, kwargs["position_embeddings"], key_mask=state.key_valid,
+                      **dict(stage.scorer.options))
 
     def _decode(self, index, args, kwargs, step: dict):
         state: SequenceState | None = step.get("state")

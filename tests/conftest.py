@@ -24,6 +24,8 @@ METHODS = {
     "pool": ("pool", {"budget": 4}),
     "tome": ("tome", {"budget": 6}),
     "visionzip": ("visionzip", {"budget": 6}),
+    "aim": ("aim", {"budget": 6}),
+    "aim-no-merge": ("aim", {"merged": 16, "slope": 0.4, "iters": 3, "temperature": 0.5}),
     "pdrop-keep-positions": ("pdrop", {"ratio": 0.6, "layers": (2, 4), "positions": "keep"}),
     "vtc_cls+pdrop": ("vtc_cls+pdrop", {"budget": 6}),
     "random+fastv": (["random", "fastv"], {"budget": 7, "fastv.layer": 1, "seed": 2}),

@@ -103,3 +103,31 @@ def test_merge_weighted_counts_original_tokens():
     assert merged.shape == (2, 5, 4) and torch.equal(size.sum(dim=1).squeeze(-1), torch.tensor([8.0, 8.0]))
     # The size-weighted mean preserves the total mass of the sequence.
     torch.testing.assert_close((merged * size).sum(dim=1), x.sum(dim=1))
+
+
+def test_attention_pagerank_matches_dense_pagerank_over_eager_weights():
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=50)
+    cfg._attn_implementation = "eager"
+    lm = LlamaModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 13))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, :4] = 0
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    captured = {}
+    lm.layers[1].register_forward_pre_hook(
+        lambda m, a, k: captured.update(h=a[0] if a else k["hidden_states"], pe=k["position_embeddings"]),
+        with_kwargs=True)
+    with torch.no_grad():
+        weights = lm(input_ids=ids, attention_mask=mask, position_ids=pos, output_attentions=True).attentions[1]
+        weights = weights * mask[:, None, :, None]  # padded queries hold no mass
+        s = torch.full(weights.shape[:2] + (13,), 1 / 13)
+        for _ in range(4):
+            s = torch.einsum("bhi,bhij->bhj", s, weights)
+        expected = s.pow(2).mean(dim=1).sqrt()
+        got = ops.attention_pagerank(lm.layers[1], captured["h"], captured["pe"], key_mask=mask.bool(), iters=4,
+                                     temperature=1.0, chunk=5)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-SCORERS = ("cls_attention", "query_attention", "random", "keys", "none")
+SCORERS = ("cls_attention", "query_attention", "pagerank", "random", "keys", "none")
 REDUCERS = ("topk", "merge", "pool", "dominant+context")
 POSITIONS = ("keep", "compact")
 
@@ -46,8 +46,9 @@ class Scorer:
     ``cls_attention``: the vision tower's [CLS]-to-patch attention, averaged over the vision
     layers ``layers``. ``query_attention``: attention of the last prompt token at LLM layer
     ``layers[0]``, computed from that layer's input. ``random``: a seeded random ranking.
-    ``keys``: not a ranking but a similarity metric for merging, the attention keys of
-    vision layer ``layers[0]``. ``none``: no signal (pooling).
+    ``pagerank``: PageRank over LLM layer ``layers[0]``'s causal attention among all tokens
+    (AIM). ``keys``: not a ranking but a similarity metric for merging, the attention keys
+    of vision layer ``layers[0]``. ``none``: no signal (pooling, merging by features).
 
     Example:
         >>> str(Scorer("query_attention", (1,)))
@@ -57,6 +58,7 @@ class Scorer:
     kind: str
     layers: tuple[int, ...] = ()
     seed: int = 0
+    options: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in SCORERS:
@@ -65,8 +67,8 @@ class Scorer:
     def __str__(self) -> str:
         if self.kind == "cls_attention":
             return f"cls_attention@vision{list(self.layers)}"
-        if self.kind == "query_attention":
-            return f"query_attention@L{self.layers[0]}"
+        if self.kind in ("query_attention", "pagerank"):
+            return f"{self.kind}@L{self.layers[0]}"
         if self.kind == "keys":
             return f"keys@vision[{self.layers[0]}]"
         if self.kind == "none":
@@ -103,15 +105,16 @@ class Stage:
             raise ValueError(f"unknown reducer {self.reducer!r}; known: {', '.join(REDUCERS)}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions={self.positions!r}: use one of {POSITIONS}")
-        if self.keep < 1:
-            raise ValueError(f"a stage must keep at least one token per image, got {self.keep}")
+        if self.keep < (0 if self.where != "vision" else 1):
+            raise ValueError(f"a stage must keep at least one token per image (layer stages may keep 0), "
+                             f"got {self.keep}")
         if self.reducer != "topk" and self.where != "vision":
             raise ValueError(f"reducer {self.reducer!r} runs before the LLM only; layer stages keep top-k")
 
     @property
     def reducer_label(self) -> str:
         """The reducer with what it merges by, for printing."""
-        extra = [str(self.metric)] if self.metric else []
+        extra = [str(self.metric)] if self.metric else (["features"] if self.reducer == "merge" else [])
         extra += [f"{k}={v}" for k, v in self.options]
         return f"{self.reducer}({', '.join(extra)})" if extra else self.reducer
 

@@ -13,13 +13,14 @@ Example:
     torch.Size([1, 64, 64])
 """
 
-from .attention import apply_rope, cls_attention, query_attention, rotate_half
+from .attention import apply_rope, attention_pagerank, cls_attention, query_attention, rotate_half
 from .merge import bipartite_soft_matching, merge_weighted
 from .reduce import dominant_and_context, merge_to, pool_grid
 from .select import gather_tokens, topk_keep
 
 __all__ = [
     "apply_rope",
+    "attention_pagerank",
     "bipartite_soft_matching",
     "cls_attention",
     "dominant_and_context",

@@ -114,3 +114,62 @@ def cls_attention(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     scale = getattr(attn, "scale", None) or getattr(attn, "scaling", hd**-0.5)
     logits = torch.matmul(q, k.transpose(-1, -2)).squeeze(2) * scale  # [B, H, N]
     return _mean_head_softmax(logits, None)
+
+
+def attention_pagerank(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    key_mask: torch.Tensor | None = None,
+    iters: int = 5,
+    temperature: float = 0.1,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Token importance by PageRank over a decoder layer's own causal attention (AIM's rule).
+
+    With ``M = softmax(q k^T / sqrt(d) / temperature)`` over keys (causal, ``key_mask``),
+    all tokens as queries, per head: ``s <- s M`` from a uniform start, ``iters`` times; heads
+    are combined by root mean square. Returns ``[B, N]``. ``M`` is recomputed in blocks of
+    ``chunk`` query rows at each iteration, so memory stays ``O(chunk N)`` per head; the cost
+    is ``iters`` times the layer's ``q k^T`` (``2 N^2 h c`` FLOPs each).
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+        >>> cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        ...                   intermediate_size=64)
+        >>> layer, h = LlamaDecoderLayer(cfg, 0), torch.randn(2, 9, 32)
+        >>> rope = LlamaRotaryEmbedding(cfg)(h, torch.arange(9)[None])
+        >>> attention_pagerank(layer, h, rope, chunk=4).shape
+        torch.Size([2, 9])
+    """
+    attn = layer.self_attn
+    bsz, n, _ = hidden_states.shape
+    hd = attn.head_dim
+    with torch.no_grad():
+        h = layer.input_layernorm(hidden_states)
+        q = attn.q_proj(h).view(bsz, n, -1, hd).transpose(1, 2)
+        k = attn.k_proj(h).view(bsz, n, -1, hd).transpose(1, 2)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = (t.expand(bsz, -1, -1) for t in position_embeddings)
+        q, k = apply_rope(q, cos, sin).float(), apply_rope(k, cos, sin).float()
+        heads, kv_heads = q.shape[1], k.shape[1]
+        q = q.view(bsz, kv_heads, heads // kv_heads, n, hd)
+        k = k[:, :, None]  # [B, KV, 1, N, d]: shared by the query heads of its group
+        valid = torch.ones(bsz, n, dtype=torch.bool, device=h.device) if key_mask is None else key_mask.bool()
+        scale = attn.scaling / temperature
+        s = q.new_full((bsz, kv_heads, heads // kv_heads, n), 1.0 / n)
+        for _ in range(iters):
+            new = torch.zeros_like(s)
+            for start in range(0, n, chunk):
+                rows = slice(start, min(n, start + chunk))
+                logits = torch.matmul(q[..., rows, :], k.transpose(-1, -2)) * scale  # [B, KV, G, c, N]
+                idx = torch.arange(rows.start, rows.stop, device=h.device)
+                allowed = (torch.arange(n, device=h.device)[None] <= idx[:, None])[None] & valid[:, None, :]
+                logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+                # A query with no allowed key (left padding) contributes nothing.
+                probs = torch.nan_to_num(logits.softmax(dim=-1))
+                new += torch.einsum("bkgc,bkgcn->bkgn", s[..., rows], probs)
+            s = new
+        return s.view(bsz, heads, n).pow(2).mean(dim=1).sqrt()

@@ -26,6 +26,7 @@ METHODS = {
     "visionzip": ("visionzip", {"budget": 6}),
     "aim": ("aim", {"budget": 6}),
     "aim-no-merge": ("aim", {"merged": 16, "slope": 0.4, "iters": 3, "temperature": 0.5}),
+    "schedule": ("schedule", {"schedule": {"fractions": [1, 0.75, 0.75, 0.5, 0.25, 0]}}),
     "pdrop-keep-positions": ("pdrop", {"ratio": 0.6, "layers": (2, 4), "positions": "keep"}),
     "vtc_cls+pdrop": ("vtc_cls+pdrop", {"budget": 6}),
     "random+fastv": (["random", "fastv"], {"budget": 7, "fastv.layer": 1, "seed": 2}),

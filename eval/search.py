@@ -1,4 +1,4 @@
-"""Searched per-layer budgets: the G-Search walk and the P-Sigmoid schedule shape.
+"""Searched per-layer budgets: the G-Search walk and P-Sigmoid's Bayesian optimization.
 
 The searches only need a ``metric(counts) -> float`` callback (higher is better), so the same
 code runs against a real evaluation or a stub in tests.
@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,38 +58,6 @@ def gsearch(
         if progress:
             progress(layer, counts)
     return counts, evaluations
-
-
-def psigmoid(num_layers: int, r_min: float, slope: float, center: float) -> list[float]:
-    """P-Sigmoid keep fractions: ``r(l) = r_min + (1 - r_min) / (1 + exp(s (l - c)))``.
-
-    This formulation is ours: the paper names a parametric sigmoid of depth without its
-    details. Layer 0 keeps everything.
-
-    Example:
-        >>> [round(f, 2) for f in psigmoid(6, 0.1, 2.0, 2.5)]
-        [1.0, 0.96, 0.76, 0.34, 0.14, 0.11]
-    """
-    fracs = [r_min + (1 - r_min) / (1 + math.exp(slope * (layer - center))) for layer in range(num_layers)]
-    return [1.0] + fracs[1:]
-
-
-def solve_center(num_layers: int, r_min: float, slope: float, budget_fraction: float) -> float:
-    """The sigmoid center that makes the layer average of :func:`psigmoid` equal the budget.
-
-    Example:
-        >>> c = solve_center(32, 0.05, 0.5, 0.25)
-        >>> round(sum(psigmoid(32, 0.05, 0.5, c)) / 32, 3)
-        0.25
-    """
-    lo, hi = -4.0 * num_layers, 5.0 * num_layers
-    for _ in range(100):  # the average grows with the center: bisect
-        mid = (lo + hi) / 2
-        if sum(psigmoid(num_layers, r_min, slope, mid)) / num_layers < budget_fraction:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
 
 
 def write_schedule(path: str | Path, counts: list[int], tokens: int, **record) -> Path:

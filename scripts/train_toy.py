@@ -12,7 +12,9 @@ Stages (each checkpointed under ``--work``; rerunning the same command resumes):
 3. ``stage2``: 2-layer GELU projector + 8-layer Llama.  First an alignment warm-up (each
    image token predicts its color and shape word, or ``nothing``, through the tied LM
    head), then multi-turn question answering (8 questions per image) with the alignment
-   loss kept as an auxiliary.
+   loss kept as an auxiliary, attention supervision (LM layer 1 head 0 reads the
+   question's color/shape words, layer 2 head 0 looks at the queried objects' tokens)
+   and token-drop augmentation (image tokens hidden from attention in half the sequences).
 4. ``final``: assemble ``LlavaForConditionalGeneration`` + ``LlavaProcessor``,
    ``save_pretrained`` into ``--model-dir`` and score it with ``generate`` on 500
    questions of the held-out seed.
@@ -28,9 +30,7 @@ import json
 import math
 import os
 import random
-import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -38,27 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vtc.eval import toy
+from vtc.eval.toy import build, scenes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _import_toy() -> types.ModuleType:
-    """``vtc.eval.toy``, installed or straight from this checkout."""
-    try:
-        from vtc.eval import toy
-    except ImportError:
-        sys.path.insert(0, str(ROOT))
-        import vtc
-
-        pkg = types.ModuleType("vtc.eval")
-        pkg.__path__ = [str(ROOT / "eval")]
-        sys.modules["vtc.eval"] = pkg
-        vtc.eval = pkg
-        from vtc.eval import toy
-    return toy
-
-
-toy = _import_toy()
-from vtc.eval.toy import build, scenes  # noqa: E402
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -191,8 +176,16 @@ def run_stage1(args: argparse.Namespace, tower: nn.Module) -> dict:
 
     def snapshot(done: bool = False, metrics: dict | None = None) -> None:
         save_atomic(
-            {"tower": tower.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(), "step": step,
-             "total": total, "extensions": extensions, "done": done, "metrics": metrics},
+            {
+                "tower": tower.state_dict(),
+                "heads": heads.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "total": total,
+                "extensions": extensions,
+                "done": done,
+                "metrics": metrics,
+            },
             path,
         )
 
@@ -210,8 +203,10 @@ def run_stage1(args: argparse.Namespace, tower: nn.Module) -> dict:
             losses.append(loss.item())
             if step % 25 == 0:
                 rate = (time.time() - t0) / len(losses)
-                log(f"stage1 step {step}/{total} loss {np.mean(losses[-25:]):.4f} "
-                    f"{rate:.2f}s/step eta {rate * (total - step) / 60:.1f} min")
+                log(
+                    f"stage1 step {step}/{total} loss {np.mean(losses[-25:]):.4f} "
+                    f"{rate:.2f}s/step eta {rate * (total - step) / 60:.1f} min"
+                )
             if step % 200 == 0:
                 log(f"stage1 val {stage1_eval(tower, heads, args.seed, 128)}")
             if time.time() - last_save > args.save_every:
@@ -257,8 +252,13 @@ def run_cache(args: argparse.Namespace, tower: nn.Module) -> dict:
         all_scenes.extend(scs)
         if (start // 64) % 20 == 0:
             log(f"cache {start + len(scs)}/{n} ({time.time() - t0:.0f}s)")
-    cache = {"n": n, "feats": torch.cat(feats), "colors": torch.cat(colors), "shapes": torch.cat(shapes),
-             "scenes": all_scenes}
+    cache = {
+        "n": n,
+        "feats": torch.cat(feats),
+        "colors": torch.cat(colors),
+        "shapes": torch.cat(shapes),
+        "scenes": all_scenes,
+    }
     save_atomic(cache, path)
     log(f"cache: {n} images in {time.time() - t0:.0f}s")
     return cache
@@ -285,7 +285,7 @@ def build_sequence(v: Vocab, turns: list[tuple[str, str, str]], n_image: int) ->
     """
     ids = [v.id["<s>"], v.id["USER"], v.id[":"]] + [v.id["<image>"]] * n_image
     labels = [-100] * len(ids)
-    for i, (question, answer, _kind) in enumerate(turns):
+    for i, (question, answer, *_rest) in enumerate(turns):
         head = [] if i == 0 else [v.id["USER"], v.id[":"]]
         prompt = head + v.words(question) + [v.id["ASSISTANT"], v.id[":"]]
         ids += prompt + [v.id[answer], v.id["</s>"]]
@@ -293,14 +293,30 @@ def build_sequence(v: Vocab, turns: list[tuple[str, str, str]], n_image: int) ->
     return ids, labels
 
 
+def relevant_shapes(scene: scenes.Scene, kind: str, params: dict[str, str]) -> list[int]:
+    """Shape ids (1-based, as in the patch labels) of the objects a question is about."""
+    objs = scene.objects
+    if kind == "color":
+        hit = [o for o in objs if o.shape == params["shape"]]
+    elif kind == "shape":
+        hit = [o for o in objs if o.color == params["color"]]
+    elif kind == "presence":
+        hit = [o for o in objs if o.color == params["color"] or o.shape == params["shape"]]
+    elif kind == "left_of":
+        hit = [o for o in objs if o.shape in (params["shape"], params["other"])]
+    else:
+        hit = list(objs)
+    return [scenes.SHAPES.index(o.shape) + 1 for o in hit]
+
+
 def sample_turns(scene: scenes.Scene, rng: random.Random, n: int, kinds: dict[str, float]) -> list:
+    """``n`` questions ``(question, answer, kind, relevant shape ids)`` about one scene."""
+    names = [k for k in kinds if scenes.can_ask(scene, k)]
+    weights = [kinds[k] for k in names]
     turns = []
-    names, weights = list(kinds), list(kinds.values())
-    while len(turns) < n:
-        kind = rng.choices(names, weights)[0]
-        if scenes.can_ask(scene, kind):
-            q, a, _ = scenes.ask(scene, kind, rng)
-            turns.append((q, a, kind))
+    for kind in rng.choices(names, weights, k=n):
+        q, a, params = scenes.ask(scene, kind, rng)
+        turns.append((q, a, kind, relevant_shapes(scene, kind, params)))
     return turns
 
 
@@ -315,21 +331,99 @@ def align_targets(v: Vocab, colors: torch.Tensor, shapes: torch.Tensor, vocab_si
 
 
 def make_batch(v: Vocab, cache: dict, idx: list[int], rng: random.Random, turns: int, kinds: dict) -> dict:
-    seqs = [build_sequence(v, sample_turns(cache["scenes"][i], rng, turns, kinds), cache["feats"].shape[1])
-            for i in idx]
+    """Padded multi-turn sequences plus, per turn, the answer-predicting position and the
+    image tokens of the objects the question is about (for attention supervision)."""
+    n_img = cache["feats"].shape[1]
+    all_turns = [sample_turns(cache["scenes"][i], rng, turns, kinds) for i in idx]
+    seqs = [build_sequence(v, t, n_img) for t in all_turns]
     width = max(len(s) for s, _ in seqs)
     ids = torch.full((len(idx), width), v.id["<pad>"])
     labels = torch.full((len(idx), width), -100)
     mask = torch.zeros((len(idx), width), dtype=torch.long)
-    for row, (s, lab) in enumerate(seqs):
+    qpos = torch.zeros((len(idx), turns), dtype=torch.long)
+    focus = torch.zeros((len(idx), turns, n_img), dtype=torch.bool)
+    named = torch.zeros((len(idx), turns, width), dtype=torch.bool)
+    content = torch.tensor([v.id[w] for w in (*scenes.COLOR_NAMES, *scenes.SHAPES)])
+    shapes = cache["shapes"][idx].long()
+    for row, ((s, lab), tt) in enumerate(zip(seqs, all_turns, strict=True)):
         ids[row, : len(s)] = torch.tensor(s)
         labels[row, : len(lab)] = torch.tensor(lab)
         mask[row, : len(s)] = 1
-    return {"ids": ids, "labels": labels, "mask": mask, "feats": cache["feats"][idx].float(),
-            "colors": cache["colors"][idx], "shapes": cache["shapes"][idx]}
+        answer_at = [p for p, t in enumerate(lab) if t not in (-100, v.id["</s>"])]
+        qpos[row] = torch.tensor(answer_at) - 1
+        for j, t in enumerate(tt):
+            focus[row, j] = torch.isin(shapes[row], torch.tensor(t[3]))
+            start = IMAGE_START + n_img if j == 0 else int(qpos[row, j - 1]) + 3
+            span = torch.arange(start, int(qpos[row, j]))
+            named[row, j, span] = torch.isin(ids[row, span], content)
+    return {
+        "ids": ids,
+        "labels": labels,
+        "mask": mask,
+        "qpos": qpos,
+        "focus": focus,
+        "named": named,
+        "feats": cache["feats"][idx].float(),
+        "colors": cache["colors"][idx],
+        "shapes": cache["shapes"][idx],
+    }
 
 
-def stage2_forward(model, v: Vocab, batch: dict, align_layer: int, qa: bool) -> dict:
+class AttentionProbe:
+    """Captures one Llama layer's attention inputs so one head's attention from chosen query
+    positions can be recomputed (training-only attention supervision)."""
+
+    def __init__(self, layer: nn.Module):
+        self.attn = layer.self_attn
+        self.inputs: dict = {}
+        self.handle = self.attn.register_forward_pre_hook(self._grab, with_kwargs=True)
+
+    def _grab(self, module, args, kwargs):
+        self.inputs = {"h": kwargs.get("hidden_states", args[0] if args else None), "pe": kwargs["position_embeddings"]}
+
+    def head_attention(self, head: int, qpos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, n_query, T)`` attention probabilities of ``head`` at positions ``qpos``."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        a, h = self.attn, self.inputs["h"]
+        d = a.head_dim
+        q = a.q_proj(h)[..., head * d : (head + 1) * d].unsqueeze(1)
+        kv_head = head // (a.config.num_attention_heads // a.config.num_key_value_heads)
+        k = a.k_proj(h)[..., kv_head * d : (kv_head + 1) * d].unsqueeze(1)
+        cos, sin = self.inputs["pe"]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q = q[:, 0].gather(1, qpos.unsqueeze(-1).expand(-1, -1, d))
+        scores = q @ k[:, 0].transpose(1, 2) * a.scaling
+        t = torch.arange(h.shape[1])
+        allowed = (t[None, None, :] <= qpos[:, :, None]) & mask[:, None, :].bool()
+        return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+def drop_image_tokens(batch: dict, rng: random.Random, p_drop: float) -> None:
+    """Token-drop augmentation, in place: for a fraction ``p_drop`` of the sequences, hide all
+    but 8-80 image tokens from attention (a uniform subset, or one biased towards object
+    patches, as compression methods produce), so the LM does not lean on background patches
+    (e.g. as attention sinks) and answers from whatever object tokens remain."""
+    shapes = batch["shapes"]
+    n_img = shapes.shape[1]
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    keep = torch.ones(shapes.shape, dtype=torch.bool)
+    for row in range(shapes.shape[0]):
+        if rng.random() >= p_drop:
+            continue
+        score = torch.rand(n_img, generator=gen)
+        if rng.random() < 0.5:
+            score = score + (shapes[row] > 0).float() * rng.uniform(0.3, 1.0)
+        keep[row] = False
+        keep[row, score.topk(rng.randint(8, 80)).indices] = True
+    batch["mask"][:, IMAGE_START : IMAGE_START + n_img] = keep.long()
+    batch["focus"] = batch["focus"] & keep[:, None, :]
+
+
+def stage2_forward(
+    model, v: Vocab, batch: dict, args: argparse.Namespace, qa: bool, probe=None, copy_probe=None
+) -> dict:
+    """Losses of stage 2: alignment of image tokens with their words, QA, attention supervision."""
     lm = model.model.language_model
     n_img = batch["feats"].shape[1]
     embeds = lm.embed_tokens(batch["ids"])
@@ -340,7 +434,7 @@ def stage2_forward(model, v: Vocab, batch: dict, align_layer: int, qa: bool) -> 
     target = align_targets(v, batch["colors"], batch["shapes"], model.lm_head.out_features)
     weight = torch.where(batch["shapes"] > 0, 1.0, 0.25)
     align = 0.0
-    for h in (lm.norm(out.hidden_states[align_layer][:, span]), out.last_hidden_state[:, span]):
+    for h in (lm.norm(out.hidden_states[args.align_layer][:, span]), out.last_hidden_state[:, span]):
         ce = -(target * F.log_softmax(model.lm_head(h), -1)).sum(-1)
         align = align + (ce * weight).sum() / weight.sum()
     result = {"align": align, "loss": align}
@@ -348,13 +442,24 @@ def stage2_forward(model, v: Vocab, batch: dict, align_layer: int, qa: bool) -> 
         logits = model.lm_head(out.last_hidden_state[:, :-1])
         labels = batch["labels"][:, 1:]
         result["qa"] = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100)
-        result["loss"] = result["qa"] + args_align_weight * align
+        result["loss"] = result["qa"] + args.align_weight * align
         keep = labels != -100
         result["pred"], result["gold"] = logits.argmax(-1)[keep], labels[keep]
+        if probe is not None and args.attn_weight > 0:
+            att = probe.head_attention(0, batch["qpos"], batch["mask"])[:, :, span]
+            mass = (att * batch["focus"]).sum(-1)[batch["focus"].any(-1)]
+            result["attn"] = -(mass + 1e-6).log().mean()
+            result["attn_mass"] = mass.mean().detach()
+            result["loss"] = result["loss"] + args.attn_weight * result["attn"]
+        if copy_probe is not None and args.attn_weight > 0:
+            # One layer earlier, head 0 gathers the question's color/shape words at the
+            # answer position, so the look-up head above knows what to look for.
+            att = copy_probe.head_attention(0, batch["qpos"], batch["mask"])
+            has = batch["named"].any(-1)
+            mass = (att * batch["named"]).sum(-1)[has]
+            result["copy_mass"] = mass.mean().detach()
+            result["loss"] = result["loss"] - args.attn_weight * (mass + 1e-6).log().mean()
     return result
-
-
-args_align_weight = 0.3
 
 
 @torch.no_grad()
@@ -362,13 +467,13 @@ def stage2_eval(model, v: Vocab, cache: dict, args: argparse.Namespace) -> dict:
     """Teacher-forced single-turn accuracy per kind on the held-out cached images."""
     model.eval()
     rng = random.Random(f"{args.seed}-stage2-val")
-    val = list(range(args.n_cache, args.n_cache + args.n_val))
     hits: dict[str, list[float]] = {}
     for kind in scenes.ALL_KINDS:
+        val = [i for i in range(args.n_cache, args.n_cache + args.n_val) if scenes.can_ask(cache["scenes"][i], kind)]
         for start in range(0, len(val), 64):
             idx = val[start : start + 64]
             batch = make_batch(v, cache, idx, rng, 1, {kind: 1.0})
-            res = stage2_forward(model, v, batch, args.align_layer, qa=True)
+            res = stage2_forward(model, v, batch, args, qa=True)
             answers = res["pred"].view(len(idx), 2)[:, 0] == res["gold"].view(len(idx), 2)[:, 0]
             hits.setdefault(kind, []).extend(answers.float().tolist())
     model.train()
@@ -394,10 +499,16 @@ def run_stage2(args: argparse.Namespace, model, v: Vocab, cache: dict) -> dict:
     total = args.stage2_steps
 
     def snapshot(done: bool = False, metrics: dict | None = None) -> None:
-        save_atomic({"modules": modules.state_dict(), "opt": opt.state_dict(), "step": step, "done": done,
-                     "metrics": metrics}, path)
+        save_atomic(
+            {"modules": modules.state_dict(), "opt": opt.state_dict(), "step": step, "done": done, "metrics": metrics},
+            path,
+        )
 
-    t0, last_save, hist = time.time(), time.time(), {"loss": [], "qa": [], "align": [], "acc": []}
+    probe = AttentionProbe(model.model.language_model.layers[args.attn_layer])
+    copy_probe = AttentionProbe(model.model.language_model.layers[args.attn_layer - 1])
+    eos = v.id["</s>"]
+    t0, last_save = time.time(), time.time()
+    hist: dict[str, list[float]] = {"loss": [], "qa": [], "align": [], "acc": [], "mass": [], "copy": []}
     n0 = step
     while step < total:
         for g in opt.param_groups:
@@ -406,27 +517,41 @@ def run_stage2(args: argparse.Namespace, model, v: Vocab, cache: dict) -> dict:
         idx = rng.sample(range(args.n_cache), args.batch2)
         qa = step >= args.align_steps
         batch = make_batch(v, cache, idx, rng, args.turns, KIND_WEIGHTS)
-        res = stage2_forward(model, v, batch, args.align_layer, qa=qa)
+        if qa and step >= args.drop_from:
+            drop_image_tokens(batch, rng, args.drop_prob)
+        res = stage2_forward(model, v, batch, args, qa=qa, probe=probe, copy_probe=copy_probe)
         opt.zero_grad(set_to_none=True)
         res["loss"].backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
         opt.step()
         step += 1
         hist["loss"].append(res["loss"].item())
-        hist["align"].append(float(res["align"]))
+        hist["align"].append(float(res["align"].detach()))
         if qa:
             hist["qa"].append(res["qa"].item())
-            hist["acc"].append((res["pred"] == res["gold"]).float().mean().item())
+            is_answer = res["gold"] != eos
+            hist["acc"].append((res["pred"] == res["gold"])[is_answer].float().mean().item())
+            hist["mass"].append(float(res.get("attn_mass", 0.0)))
+            hist["copy"].append(float(res.get("copy_mass", 0.0)))
         if step % 20 == 0:
             rate = (time.time() - t0) / (step - n0)
-            qa_txt = f" qa {np.mean(hist['qa'][-20:]):.4f} tok-acc {np.mean(hist['acc'][-20:]):.3f}" if qa else ""
-            log(f"stage2 step {step}/{total} align {np.mean(hist['align'][-20:]):.4f}{qa_txt} "
-                f"{rate:.2f}s/step eta {rate * (total - step) / 60:.1f} min")
+            qa_txt = (
+                f" qa {np.mean(hist['qa'][-20:]):.4f} answer-acc {np.mean(hist['acc'][-20:]):.3f}"
+                f" attn-mass {np.mean(hist['mass'][-20:]):.3f} copy-mass {np.mean(hist['copy'][-20:]):.3f}"
+                if qa
+                else ""
+            )
+            log(
+                f"stage2 step {step}/{total} align {np.mean(hist['align'][-20:]):.4f}{qa_txt} "
+                f"{rate:.2f}s/step eta {rate * (total - step) / 60:.1f} min"
+            )
         if step % args.eval_every == 0 and qa:
             log(f"stage2 val (teacher-forced, per kind): {stage2_eval(model, v, cache, args)}")
         if time.time() - last_save > args.save_every:
             snapshot()
             last_save = time.time()
+    probe.handle.remove()
+    copy_probe.handle.remove()
     metrics = stage2_eval(model, v, cache, args)
     log(f"stage2 final val (teacher-forced): {metrics}")
     snapshot(done=True, metrics=metrics)
@@ -434,6 +559,74 @@ def run_stage2(args: argparse.Namespace, model, v: Vocab, cache: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ final
+
+
+@torch.no_grad()
+def crude_budget_check(model, processor, records: list, keep: int = 16, batch_size: int = 25) -> dict:
+    """Rough preview of the compression bars, NOT the methods: hide all but ``keep`` image
+    tokens from the LM's attention (random, or top [CLS] attention of the feature layer of
+    the vision tower) and score the first answer token.  Returns accuracy per selection."""
+    tower = model.model.vision_tower
+    old_impl = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    gen = torch.Generator().manual_seed(0)
+    hits: dict[str, list[bool]] = {"full": [], "random": [], "cls": []}
+    try:
+        for start in range(0, len(records), batch_size):
+            batch = records[start : start + batch_size]
+            enc = processor(
+                images=[r.image for r in batch],
+                text=[toy.prompt(processor, r.question) for r in batch],
+                padding=True,
+                return_tensors="pt",
+            )
+            vision = tower(enc["pixel_values"], output_attentions=True)
+            cls_att = vision.attentions[model.config.vision_feature_layer][:, :, 0, 1:].mean(1)
+            image_pos = enc["input_ids"] == processor.image_token_id
+            positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            for how in hits:
+                mask = enc["attention_mask"].clone()
+                for row in range(len(batch)):
+                    if how == "full":
+                        continue
+                    n = cls_att.shape[1]
+                    chosen = (
+                        torch.randperm(n, generator=gen)[:keep] if how == "random" else cls_att[row].topk(keep).indices
+                    )
+                    kept = torch.zeros(n, dtype=mask.dtype)
+                    kept[chosen] = 1
+                    mask[row, image_pos[row]] = kept
+                inputs = {**enc, "attention_mask": mask, "position_ids": positions}
+                logits = model(**inputs).logits[:, -1]
+                words = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+                hits[how].extend(w == r.answer for w, r in zip(words, batch, strict=True))
+    finally:
+        tower.config._attn_implementation = old_impl
+    return {how: sum(h) / len(h) for how, h in hits.items()}
+
+
+def write_results(path: Path, result: dict, crude: dict, keep: int) -> None:
+    """Replace the results block of docs/toy-benchmark.md with the measured numbers."""
+    if not path.exists():
+        return
+    lines = ["<!-- results:start (written by scripts/train_toy.py) -->", ""]
+    for name, res in result.items():
+        kinds = " | ".join(f"{k} {v:.1%}" for k, v in res["per_kind"].items())
+        lines.append(f"* {name} kinds, {res['n']} questions, seed {toy.EVAL_SEED}: **{res['overall']:.1%}** ({kinds})")
+    lines += [
+        "",
+        f"Crude preview of the compression bars (first answer token, {crude['n']} questions, not the methods:",
+        f"image tokens outside the kept {keep} of 144 = 11% are hidden from the LM with the attention mask):",
+        f"full {crude['full']:.1%}, random {keep} {crude['random']:.1%}, "
+        f"[CLS]-attention top-{keep} {crude['cls']:.1%}.",
+        "",
+        "<!-- results:end -->",
+    ]
+    text = path.read_text()
+    start, end = text.find("<!-- results:start"), text.find("<!-- results:end -->")
+    if start < 0 or end < 0:
+        return
+    path.write_text(text[:start] + "\n".join(lines) + text[end + len("<!-- results:end -->") :])
 
 
 def run_final(args: argparse.Namespace, model, processor) -> dict:
@@ -454,12 +647,19 @@ def run_final(args: argparse.Namespace, model, processor) -> dict:
         t0 = time.time()
         result[name] = toy.evaluate(loaded, proc, toy.generate(args.n_eval, toy.EVAL_SEED, kinds=kinds))
         log(f"held-out seed {toy.EVAL_SEED}, {name}: {result[name]} ({time.time() - t0:.0f}s)")
-    (args.work / "final_eval.json").write_text(json.dumps(result, indent=2))
+    crude = crude_budget_check(loaded, proc, toy.generate(args.n_eval, toy.EVAL_SEED), keep=16)
+    crude["n"] = args.n_eval
+    log(f"crude 16-token preview (not the methods): {crude}")
+    (args.work / "final_eval.json").write_text(json.dumps({**result, "crude_keep16": crude}, indent=2))
+    if args.model_dir.resolve() == toy.MODEL_PATH.resolve():
+        write_results(ROOT / "docs" / "toy-benchmark.md", result, crude, 16)
     return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "toy", help="checkpoints and caches")
     p.add_argument("--model-dir", type=Path, default=toy.MODEL_PATH, help="where the final model is saved")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -474,9 +674,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr1", type=float, default=1e-3)
     p.add_argument("--n-cache", type=int, default=12000, help="stage-2 training images (cached features)")
     p.add_argument("--n-val", type=int, default=384)
-    p.add_argument("--stage2-steps", type=int, default=2400)
+    p.add_argument("--stage2-steps", type=int, default=2200)
     p.add_argument("--align-steps", type=int, default=150, help="alignment-only warm-up steps")
     p.add_argument("--align-layer", type=int, default=2, help="LM layer whose image tokens are also aligned")
+    p.add_argument("--align-weight", type=float, default=0.3, help="alignment loss weight after warm-up")
+    p.add_argument(
+        "--attn-layer",
+        type=int,
+        default=2,
+        help="LM layer whose head 0 is taught to look (head 0 of the layer below: to read the question)",
+    )
+    p.add_argument("--attn-weight", type=float, default=1.0, help="attention supervision weight (0: off)")
+    p.add_argument("--drop-prob", type=float, default=0.5, help="share of sequences with image tokens hidden")
+    p.add_argument(
+        "--drop-from", type=int, default=556, help="first stage-2 step of token-drop augmentation (shipped run: 556)"
+    )
     p.add_argument("--batch2", type=int, default=16)
     p.add_argument("--turns", type=int, default=8, help="questions per image per sequence")
     p.add_argument("--lr2", type=float, default=1e-3)
@@ -498,8 +710,10 @@ def main(argv: list[str] | None = None) -> None:
     model = LlavaForConditionalGeneration(config)
     processor = build.build_processor()
     log(f"args: {vars(args)}")
-    log(f"params: vision {sum(p.numel() for p in model.model.vision_tower.parameters()) / 1e6:.2f}M, "
-        f"projector+LM {sum(p.numel() for p in model.model.language_model.parameters()) / 1e6:.2f}M")
+    log(
+        f"params: vision {sum(p.numel() for p in model.model.vision_tower.parameters()) / 1e6:.2f}M, "
+        f"projector+LM {sum(p.numel() for p in model.model.language_model.parameters()) / 1e6:.2f}M"
+    )
     tower = model.model.vision_tower
     run_stage1(args, tower)
     tower.requires_grad_(False)

@@ -27,6 +27,8 @@ METHODS = {
     "aim": ("aim", {"budget": 6}),
     "aim-no-merge": ("aim", {"merged": 16, "slope": 0.4, "iters": 3, "temperature": 0.5}),
     "schedule": ("schedule", {"schedule": {"fractions": [1, 0.75, 0.75, 0.5, 0.25, 0]}}),
+    "gsearch": ("gsearch", {"schedule": {"counts": [16, 10, 10, 10, 3, 3]}}),
+    "psigmoid": ("psigmoid", {"budget": 7, "r_min": 0.1, "slope": 2.0}),
     "pdrop-keep-positions": ("pdrop", {"ratio": 0.6, "layers": (2, 4), "positions": "keep"}),
     "vtc_cls+pdrop": ("vtc_cls+pdrop", {"budget": 6}),
     "random+fastv": (["random", "fastv"], {"budget": 7, "fastv.layer": 1, "seed": 2}),

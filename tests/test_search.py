@@ -7,7 +7,8 @@ import json
 import pytest
 
 import vtc
-from vtc.eval.search import gsearch, psigmoid, solve_center, write_schedule
+from vtc.eval.search import gsearch, write_schedule
+from vtc.methods.psigmoid import psigmoid, solve_center
 
 
 def test_gsearch_finds_the_known_answer_of_a_monotone_stub():

@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from vtc.eval import toy
+from vtc.eval.toy import build, scenes
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_toy() -> types.ModuleType:
-    """``vtc.eval.toy``, installed or straight from this checkout (eval/ maps to vtc.eval)."""
-    try:
-        from vtc.eval import toy
-    except ImportError:
-        import vtc
-
-        pkg = types.ModuleType("vtc.eval")
-        pkg.__path__ = [str(ROOT / "eval")]
-        sys.modules["vtc.eval"] = pkg
-        vtc.eval = pkg
-        from vtc.eval import toy
-    return toy
-
-
-toy = _import_toy()
-from vtc.eval.toy import build, scenes  # noqa: E402
 
 PATTERNS = {
     "color": re.compile(r"what color is the (\w+)\?"),

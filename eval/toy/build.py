@@ -152,6 +152,9 @@ def build_config(
         num_attention_heads=max(1, text_width // 32),
         num_key_value_heads=max(1, text_width // 32),
         max_position_embeddings=1024,
+        # Large base: more rotary dimensions stay nearly position-free over the ~250-token
+        # distance between an answer and the image tokens, so content look-ups are learnable.
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         pad_token_id=vocab.index("<pad>"),
         bos_token_id=vocab.index("<s>"),
         eos_token_id=vocab.index("</s>"),

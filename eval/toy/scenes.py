@@ -271,12 +271,12 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str, dict[str
             color, shape, ans = obj.color, obj.shape, "yes"
         else:
             present = {(o.color, o.shape) for o in scene.objects}
-            hard = [
-                (a.color, b.shape) for a in scene.objects for b in scene.objects if a is not b
-            ]
-            pool = hard if hard and rng.random() < 0.5 else [
-                (c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in present
-            ]
+            hard = [(a.color, b.shape) for a in scene.objects for b in scene.objects if a is not b]
+            pool = (
+                hard
+                if hard and rng.random() < 0.5
+                else [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in present]
+            )
             color, shape = rng.choice(pool)
             ans = "no"
         q = TEMPLATES["presence"].format(color=color, shape=shape)

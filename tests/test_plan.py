@@ -88,3 +88,12 @@ def test_composed_plan_splits_the_budget():
     assert abs(plan.equivalent_tokens - 64) < 1
     own = create_method(["vtc_cls", "pdrop"], {"vtc_cls.keep": 96}).compile(LLAVA15, 64)
     assert own.tokens_entering_llm == 96
+
+
+def test_registry_scans_every_method_even_after_one_was_imported():
+    import subprocess
+    import sys
+
+    code = "import vtc.methods.pool, vtc; print(','.join(vtc.list_methods()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert {"fastv", "pdrop", "vtc_cls", "pool"} <= set(out.strip().split(","))

@@ -43,3 +43,75 @@ def test_schedule_applies_and_refuses_another_model(model, tmp_path):
         vtc.plan(model, "schedule", schedule={"counts": [16, 8, 9, 8, 4, 4]})
     with pytest.raises(vtc.BudgetError, match="do not pass a budget"):
         vtc.plan(model, "schedule", 8, schedule=str(path))
+
+
+@pytest.fixture(scope="module")
+def toy_shaped(tmp_path_factory):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from vtc.eval.toy.build import build_config, build_processor
+
+    path = tmp_path_factory.mktemp("toy-shaped")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(build_config(vision_layers=2, vision_width=32, text_layers=4,
+                                               text_width=32)).save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return str(path)
+
+
+def test_gsearch_stops_and_resumes_without_redoing_evaluations(toy_shaped, tmp_path, monkeypatch):
+    from vtc.eval import search
+
+    calls, real = [], search.Calibration.__call__
+
+    def dies_after_three(self, counts):
+        calls.append(list(counts))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, counts)
+
+    spec = search.SearchSpec("gsearch", model=toy_shaped, limit=4, tolerance=1e-4, out=str(tmp_path / "s.json"),
+                             batch_size=4)
+    monkeypatch.setattr(search.Calibration, "__call__", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        search.run_search(spec)
+    first = len(calls)
+    journal = (tmp_path / "s.evals.jsonl").read_text().splitlines()
+    assert len(journal) == first - 2  # the reference is not journaled; the 4th call died
+    monkeypatch.setattr(search.Calibration, "__call__", lambda self, c: (calls.append(list(c)), real(self, c))[1])
+    path = search.run_search(spec)
+    redone = [c for c in calls[first:] if json.dumps(c) in {json.dumps(json.loads(x)["counts"]) for x in journal}]
+    assert redone == []
+    data = json.loads(path.read_text())
+    assert data["counts"][0] == 144 and all(a >= b for a, b in zip(data["counts"], data["counts"][1:]))
+    assert data["algorithm"] == "gsearch" and data["value"] >= data["reference"] - 1e-4
+    assert vtc.plan(vtc.from_pretrained(toy_shaped), "gsearch", schedule=str(path)).tokens_per_layer() == \
+        data["counts"]
+
+
+def test_psigmoid_search_resumes_its_study(toy_shaped, tmp_path):
+    from vtc.eval import search
+
+    spec = search.SearchSpec("psigmoid", model=toy_shaped, limit=4, budget=48, trials=2,
+                             out=str(tmp_path / "p.json"), batch_size=4)
+    search.run_search(spec)
+    spec.trials = 3
+    data = json.loads(search.run_search(spec).read_text())
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "p.optuna.journal")))
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    assert len(study.trials) == 3
+    assert abs(sum(data["counts"]) / 4 - 48) <= 2 and data["params"]["r_min"] >= 0
+
+
+def test_search_refuses_bad_settings():
+    from vtc.eval.search import SearchSpec
+
+    with pytest.raises(vtc.VtcError, match="pass --budget"):
+        SearchSpec("psigmoid").check()
+    with pytest.raises(vtc.VtcError, match="unknown metric"):
+        SearchSpec("gsearch", metric="f1").check()

@@ -131,6 +131,16 @@ def cmd_show(args) -> None:
     print(f"answer: {answer}; kept tokens drawn in {args.out}")
 
 
+def cmd_search(args) -> None:
+    from vtc.eval.search import SearchSpec, run_search
+
+    spec = SearchSpec(args.algorithm, model=args.model, calib=args.calib, limit=args.limit, metric=args.metric,
+                      tolerance=args.tolerance, budget=args.budget, trials=args.trials, out=args.out,
+                      seed=args.seed, batch_size=args.batch_size, device=args.device)
+    path = run_search(spec)
+    print(f"schedule: {path}; apply it with vtc.apply(model, 'schedule', schedule='{path}')")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtc", description="Training-free visual token compression for VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="kept.png")
     p.set_defaults(fn=cmd_show)
+    p = sub.add_parser("search", help="search per-layer budgets (G-Search, P-Sigmoid) into a schedule file")
+    p.add_argument("algorithm", choices=["gsearch", "psigmoid"])
+    p.add_argument("--model", default="toy")
+    p.add_argument("--calib", default="toy_vqa", help="calibration set (toy_vqa)")
+    p.add_argument("--limit", type=int, default=64, help="calibration questions")
+    p.add_argument("--metric", default="kl", choices=["kl", "accuracy"])
+    p.add_argument("--tolerance", type=float, default=0.01, help="G-Search: allowed metric loss")
+    p.add_argument("--budget", type=_number, help="P-Sigmoid: equivalent tokens per image")
+    p.add_argument("--trials", type=int, default=20, help="P-Sigmoid: Bayesian-optimization trials")
+    p.add_argument("--out", default="schedule.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=cmd_search)
     args = parser.parse_args(argv)
     try:
         args.fn(args)

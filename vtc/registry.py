@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 METHODS: dict[str, type[Method]] = {}
 ADAPTERS: list[type] = []
+_SCANNED: set[str] = set()
 
 
 def register_method(cls):
@@ -45,6 +46,10 @@ def register_adapter(cls):
 
 
 def _import_all(package: str) -> None:
+    # Scan once, even if a module of the folder was imported (and registered) before.
+    if package in _SCANNED:
+        return
+    _SCANNED.add(package)
     pkg = importlib.import_module(package)
     for mod in pkgutil.iter_modules(pkg.__path__):
         if not mod.name.startswith("_"):
@@ -53,8 +58,7 @@ def _import_all(package: str) -> None:
 
 def methods() -> dict[str, type[Method]]:
     """All registered methods by name (scans ``vtc.methods`` once)."""
-    if not METHODS:
-        _import_all("vtc.methods")
+    _import_all("vtc.methods")
     return METHODS
 
 
@@ -73,8 +77,7 @@ def get_method(name: str) -> type[Method]:
 
 def adapters() -> list[type]:
     """All registered adapter classes (scans ``vtc.patches`` once)."""
-    if not ADAPTERS:
-        _import_all("vtc.patches")
+    _import_all("vtc.patches")
     return ADAPTERS
 
 

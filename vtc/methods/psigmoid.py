@@ -23,7 +23,8 @@ def psigmoid(num_layers: int, r_min: float, slope: float, center: float) -> list
         >>> [round(f, 2) for f in psigmoid(6, 0.1, 2.0, 2.5)]
         [1.0, 0.96, 0.76, 0.34, 0.14, 0.11]
     """
-    fracs = [r_min + (1 - r_min) / (1 + math.exp(min(60.0, slope * (layer - center)))) for layer in range(num_layers)]
+    fracs = [r_min + (1 - r_min) / (1 + math.exp(max(-60.0, min(60.0, slope * (layer - center)))))
+             for layer in range(num_layers)]
     return [1.0] + fracs[1:]
 
 
@@ -35,8 +36,8 @@ def solve_center(num_layers: int, r_min: float, slope: float, budget_fraction: f
         >>> round(sum(psigmoid(32, 0.05, 0.5, c)) / 32, 3)
         0.25
     """
-    lo, hi = -4.0 * num_layers, 5.0 * num_layers
-    for _ in range(100):  # the average grows with the center: bisect
+    lo, hi = -1e6, 1e6  # a flat sigmoid (small slope) may need a far center
+    for _ in range(200):  # the average grows with the center: bisect
         mid = (lo + hi) / 2
         if sum(psigmoid(num_layers, r_min, slope, mid)) / num_layers < budget_fraction:
             lo = mid

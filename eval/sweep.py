@@ -41,7 +41,7 @@ class SweepSpec:
     """
 
     model: str = TOY_MODEL
-    methods: list[str] = field(default_factory=lambda: vtc.list_methods())
+    methods: list[str] = field(default_factory=lambda: vtc.list_methods(standalone=True))
     budgets: list[int | float] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
     tasks: list[str] = field(default_factory=lambda: ["toy_vqa"])
     limit: int | None = None

@@ -55,7 +55,7 @@ def ideal_prefill(model, inputs, lengths: list[int]):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(vtc.list_methods()))
+    p.add_argument("--methods", default=",".join(vtc.list_methods(standalone=True)))
     p.add_argument("--budgets", default="576,288,144,64")
     p.add_argument("--width", type=int, default=256, help="LLM hidden size (LLaVA-1.5-7B: 4096)")
     p.add_argument("--vision-width", type=int, default=256, help="vision hidden size (CLIP-L: 1024)")

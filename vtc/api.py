@@ -114,14 +114,15 @@ def stats(model: nn.Module) -> Stats:
     return installation.last_stats
 
 
-def list_methods() -> list[str]:
-    """Names of the registered methods.
+def list_methods(standalone: bool = False) -> list[str]:
+    """Names of the registered methods; ``standalone=True``: only those that run on a budget
+    alone (not ``schedule``, which needs a schedule file).
 
     Example:
-        >>> "fastv" in vtc.list_methods()
-        True
+        >>> "fastv" in vtc.list_methods(), "schedule" in vtc.list_methods(standalone=True)
+        (True, False)
     """
-    return sorted(methods())
+    return sorted(name for name, cls in methods().items() if not (standalone and cls.requires))
 
 
 def list_models() -> list[str]:

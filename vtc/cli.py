@@ -78,7 +78,7 @@ def cmd_demo(args) -> None:
     model = llava15_shaped(width=args.width, vision_width=args.width)
     inputs = tiny_inputs(model, text=64)
     rows, fns = [], {"unpatched": lambda: timed(lambda: model(**inputs, logits_to_keep=1))}
-    for method in vtc.list_methods():
+    for method in vtc.list_methods(standalone=True):
         plan = vtc.plan(model, method, args.budget)
         print(f"\n{plan}")
         with vtc.compressed(model, method, args.budget), torch.no_grad():

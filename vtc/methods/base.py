@@ -25,6 +25,9 @@ class Method:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # Parameters without which the method cannot compile (a schedule file): such methods are
+    # left out of default sweeps and benchmarks.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def create(cls, **params) -> Method:

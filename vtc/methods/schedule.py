@@ -72,6 +72,7 @@ class Schedule(Method):
 
     name = "schedule"
     summary = "per-layer token counts from a schedule file or dict (e.g. from G-Search or P-Sigmoid)"
+    requires = ("schedule",)
 
     schedule: str | dict | None = None
     positions: str = "keep"

@@ -95,7 +95,9 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return "full" if self.method is None else f"{self.method}@{self.budget:g}"
+        if self.method is None:
+            return "full"
+        return self.method if self.budget is None else f"{self.method}@{self.budget:g}"
 
 
 def _meta_model(path: str):
@@ -124,7 +126,9 @@ def plan_cells(spec: SweepSpec) -> tuple[list[Cell], list[tuple[Cell, str]]]:
     cells, infeasible = [Cell(None, None)], []
     for method in spec.methods:
         params = spec.method_params(method)
-        for b in spec.budgets:
+        # A schedule sets its own per-layer counts: one cell, no budget.
+        budgets = [None] if any(get_method(p).requires for p in split_spec(method)) else spec.budgets
+        for b in budgets:
             cell = Cell(method, b, tuple(sorted(params.items())))
             try:
                 vtc.plan(meta, method, b, **params)

@@ -151,3 +151,10 @@ def test_plugin_takes_a_composed_method(toy_shaped):
     plan = lm.model.__dict__["_vtc"].plan
     assert plan.method == "vtc_cls+pdrop" and plan.tokens_entering_llm == 48
     assert len(plan.layer_stages) == 3 and abs(plan.equivalent_tokens - 20) < 1
+
+
+def test_a_schedule_is_one_cell_without_budget(toy_shaped, tmp_path):
+    spec = _spec(toy_shaped, tmp_path, methods=["schedule", "random"], budgets=[16],
+                 params={"schedule": json.dumps({"counts": [144, 72, 36, 0]})})
+    cells, _ = sweep.plan_cells(spec)
+    assert [c.name for c in cells] == ["full", "schedule", "random@16"]

@@ -14,7 +14,7 @@ from .base import Method
 
 
 def load_schedule(schedule: str | Path | dict) -> dict:
-    """A schedule as a dict: from a JSON file's path, or a dict already.
+    """A schedule as a dict: from a JSON file's path, inline JSON, or a dict already.
 
     It holds ``counts`` (visual tokens per image at each LLM layer) or ``fractions`` (of the
     per-image count), and, when written by a search, ``num_layers``, ``image_tokens``,
@@ -26,6 +26,8 @@ def load_schedule(schedule: str | Path | dict) -> dict:
     """
     if isinstance(schedule, dict):
         return schedule
+    if isinstance(schedule, str) and schedule.lstrip().startswith("{"):  # inline JSON (command lines)
+        return json.loads(schedule)
     path = Path(schedule)
     if not path.is_file():
         raise VtcError(f"schedule file {path} does not exist; write one with `vtc search` or pass a dict")

@@ -66,3 +66,18 @@ def greedy(model, inputs, steps=5, **kw):
         pad_token_id=0, **kw,
     )
     return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
+
+
+@pytest.fixture(scope="session")
+def toy_shaped(tmp_path_factory):
+    """A random-weight model with the toy model's shape and processor (144 tokens, 4 layers), saved."""
+    from transformers import LlavaForConditionalGeneration
+
+    from vtc.eval.toy.build import build_config, build_processor
+
+    path = tmp_path_factory.mktemp("toy-shaped")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(build_config(vision_layers=2, vision_width=32, text_layers=4,
+                                               text_width=32)).save_pretrained(path)
+    build_processor().save_pretrained(path)
+    return str(path)

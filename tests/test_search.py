@@ -45,21 +45,6 @@ def test_schedule_applies_and_refuses_another_model(model, tmp_path):
         vtc.plan(model, "schedule", 8, schedule=str(path))
 
 
-@pytest.fixture(scope="module")
-def toy_shaped(tmp_path_factory):
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    from vtc.eval.toy.build import build_config, build_processor
-
-    path = tmp_path_factory.mktemp("toy-shaped")
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(build_config(vision_layers=2, vision_width=32, text_layers=4,
-                                               text_width=32)).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    return str(path)
-
-
 def test_gsearch_stops_and_resumes_without_redoing_evaluations(toy_shaped, tmp_path, monkeypatch):
     from vtc.eval import search
 

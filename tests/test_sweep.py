@@ -5,28 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("lmms_eval")
 
 import vtc  # noqa: E402
 from vtc.eval import sweep  # noqa: E402
 from vtc.eval.sweep import SweepSpec  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def toy_shaped(tmp_path_factory):
-    """A random-weight model with the toy model's shape and processor (144 tokens, 4 layers)."""
-    from transformers import LlavaForConditionalGeneration
-
-    from vtc.eval.toy.build import build_config, build_processor
-
-    path = tmp_path_factory.mktemp("toy-shaped")
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(build_config(vision_layers=2, vision_width=32, text_layers=4,
-                                               text_width=32)).save_pretrained(path)
-    build_processor().save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(autouse=True)

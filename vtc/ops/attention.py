@@ -41,6 +41,23 @@ def _mean_head_softmax(logits: torch.Tensor, key_mask: torch.Tensor | None) -> t
     return logits.softmax(dim=-1).mean(dim=1)
 
 
+def _rotated_qk(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings, rows: slice):
+    """A decoder layer's queries (of ``rows``) and keys (of all tokens) as its attention sees
+    them: after ``input_layernorm``, the projections, optional q/k norms and RoPE.
+    Shapes ``[B, heads, r, d]`` and ``[B, kv_heads, N, d]``."""
+    attn = layer.self_attn
+    bsz, n, _ = hidden_states.shape
+    hd = attn.head_dim
+    h = layer.input_layernorm(hidden_states)
+    hq = h[:, rows]
+    q = attn.q_proj(hq).view(bsz, hq.shape[1], -1, hd).transpose(1, 2)
+    k = attn.k_proj(h).view(bsz, n, -1, hd).transpose(1, 2)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = (t.expand(bsz, -1, -1) for t in position_embeddings)
+    return apply_rope(q, cos[:, rows], sin[:, rows]), apply_rope(k, cos, sin)
+
+
 def query_attention(
     layer: nn.Module,
     hidden_states: torch.Tensor,
@@ -68,24 +85,15 @@ def query_attention(
         >>> round(float(query_attention(layer, h, rope).sum().detach()), 4)
         1.0
     """
-    attn = layer.self_attn
     bsz, n, _ = hidden_states.shape
-    hd = attn.head_dim
     qi = query_index % n
-    h = layer.input_layernorm(hidden_states)
-    q = attn.q_proj(h[:, qi : qi + 1]).view(bsz, 1, -1, hd).transpose(1, 2)  # [B, H, 1, d]
-    k = attn.k_proj(h).view(bsz, n, -1, hd).transpose(1, 2)  # [B, KV, N, d]
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    cos, sin = position_embeddings
-    cos, sin = cos.expand(bsz, -1, -1), sin.expand(bsz, -1, -1)
-    q = apply_rope(q, cos[:, qi : qi + 1], sin[:, qi : qi + 1])
-    k = apply_rope(k, cos, sin)
-    heads, kv_heads = q.shape[1], k.shape[1]
+    q, k = _rotated_qk(layer, hidden_states, position_embeddings, slice(qi, qi + 1))
+    hd, heads, kv_heads = q.shape[-1], q.shape[1], k.shape[1]
+    attn = layer.self_attn
     # Grouped-query attention without repeating the keys: group the query heads per kv head.
     logits = torch.matmul(q.view(bsz, kv_heads, heads // kv_heads, hd), k.transpose(-1, -2))
     logits = logits.view(bsz, heads, n) * attn.scaling
-    causal = torch.arange(n, device=h.device) <= qi
+    causal = torch.arange(n, device=hidden_states.device) <= qi
     key_mask = causal[None] if key_mask is None else key_mask.bool() & causal[None]
     return _mean_head_softmax(logits, key_mask)
 
@@ -145,19 +153,13 @@ def attention_pagerank(
     """
     attn = layer.self_attn
     bsz, n, _ = hidden_states.shape
-    hd = attn.head_dim
+    device = hidden_states.device
     with torch.no_grad():
-        h = layer.input_layernorm(hidden_states)
-        q = attn.q_proj(h).view(bsz, n, -1, hd).transpose(1, 2)
-        k = attn.k_proj(h).view(bsz, n, -1, hd).transpose(1, 2)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = (t.expand(bsz, -1, -1) for t in position_embeddings)
-        q, k = apply_rope(q, cos, sin).float(), apply_rope(k, cos, sin).float()
-        heads, kv_heads = q.shape[1], k.shape[1]
+        q, k = (t.float() for t in _rotated_qk(layer, hidden_states, position_embeddings, slice(None)))
+        hd, heads, kv_heads = q.shape[-1], q.shape[1], k.shape[1]
         q = q.view(bsz, kv_heads, heads // kv_heads, n, hd)
         k = k[:, :, None]  # [B, KV, 1, N, d]: shared by the query heads of its group
-        valid = torch.ones(bsz, n, dtype=torch.bool, device=h.device) if key_mask is None else key_mask.bool()
+        valid = torch.ones(bsz, n, dtype=torch.bool, device=device) if key_mask is None else key_mask.bool()
         scale = attn.scaling / temperature
         s = q.new_full((bsz, kv_heads, heads // kv_heads, n), 1.0 / n)
         for _ in range(iters):
@@ -165,8 +167,8 @@ def attention_pagerank(
             for start in range(0, n, chunk):
                 rows = slice(start, min(n, start + chunk))
                 logits = torch.matmul(q[..., rows, :], k.transpose(-1, -2)) * scale  # [B, KV, G, c, N]
-                idx = torch.arange(rows.start, rows.stop, device=h.device)
-                allowed = (torch.arange(n, device=h.device)[None] <= idx[:, None])[None] & valid[:, None, :]
+                idx = torch.arange(rows.start, rows.stop, device=device)
+                allowed = (torch.arange(n, device=device)[None] <= idx[:, None])[None] & valid[:, None, :]
                 logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
                 # A query with no allowed key (left padding) contributes nothing.
                 probs = torch.nan_to_num(logits.softmax(dim=-1))

@@ -97,7 +97,11 @@ class Cell:
     def name(self) -> str:
         if self.method is None:
             return "full"
-        return self.method if self.budget is None else f"{self.method}@{self.budget:g}"
+        if self.budget is not None:
+            return f"{self.method}@{self.budget:g}"
+        schedule = dict(self.params).get("schedule")  # tell schedules apart by their file
+        return f"{self.method}({Path(str(schedule)).stem})" if schedule and not str(schedule).startswith("{") \
+            else self.method
 
 
 def _meta_model(path: str):

@@ -140,3 +140,8 @@ def test_composition_errors(model):
         vtc.plan(model, "vtc_cls+fastv", budget=8, keep=4)
     with pytest.raises(vtc.VtcError, match="exactly two methods"):
         vtc.plan(model, "vtc_cls+pdrop+fastv", budget=8)
+
+
+def test_psigmoid_budget_below_reach(model):
+    with pytest.raises(vtc.BudgetError, match="psigmoid keeps all.*lowest feasible budget is 2.8 tokens"):
+        vtc.plan(model, "psigmoid", budget=2, r_min=0.01)

@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 from vtc.budget import resolve_count
-from vtc.errors import VtcError
+from vtc.errors import BudgetError, VtcError
 from vtc.plan import ModelInfo, Plan
 from vtc.registry import register_method
 
@@ -72,8 +72,12 @@ class PSigmoid(Method):
         fraction = resolve_count(budget if budget is not None else 1 / 3, n) / n
         if not 0 <= self.r_min < 1 or self.slope <= 0:
             raise VtcError(f"psigmoid r_min={self.r_min}, slope={self.slope}: use 0 <= r_min < 1 and slope > 0")
-        if fraction < (1 + (info.num_layers - 1) * self.r_min) / info.num_layers - 1e-9 and self.r_min > 0:
-            raise VtcError(f"psigmoid cannot go below r_min={self.r_min} of the tokens on average; lower r_min")
+        lowest = (1 + (info.num_layers - 1) * self.r_min) / info.num_layers
+        if fraction < lowest - 0.5 / n:
+            raise BudgetError(
+                f"psigmoid keeps all tokens in layer 0 and at least r_min={self.r_min} after, so it cannot reach "
+                f"budget {budget!r}: the lowest feasible budget is {lowest * n:.1f} tokens; lower r_min or raise it"
+            )
         fracs = psigmoid(info.num_layers, self.r_min, self.slope, solve_center(info.num_layers, self.r_min,
                                                                               self.slope, fraction))
         counts = [n] + [min(n, round(f * n)) for f in fracs[1:]]

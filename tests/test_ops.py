@@ -128,6 +128,7 @@ def test_attention_pagerank_matches_dense_pagerank_over_eager_weights():
         for _ in range(4):
             s = torch.einsum("bhi,bhij->bhj", s, weights)
         expected = s.pow(2).mean(dim=1).sqrt()
-        got = ops.attention_pagerank(lm.layers[1], captured["h"], captured["pe"], key_mask=mask.bool(), iters=4,
-                                     temperature=1.0, chunk=5)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+        for cache_bytes in (0, 2**20):  # recomputed per iteration, or kept
+            got = ops.attention_pagerank(lm.layers[1], captured["h"], captured["pe"], key_mask=mask.bool(), iters=4,
+                                         temperature=1.0, chunk=5, cache_bytes=cache_bytes)
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)

@@ -9,7 +9,7 @@ size ``c``, MLP width ``m``), counting a multiply-add as 2 FLOPs:
 
 Scoring adds, per ``query_attention`` stage, one key projection and one query row
 (``2 n d g c + 2 d h c + 2 n h c``); per ``pagerank`` stage, the q and k projections of every
-token and five passes of ``q k^T`` (``2 n d (h + g) c + 10 n^2 h c``); and per vision layer of
+token, one ``q k^T`` and five passes of ``s M`` (``2 n d (h + g) c + 2 n^2 h c + 10 n^2 h``); and per vision layer of
 a ``cls_attention`` scorer one key projection of the tower (``2 N D^2``). Merging and pooling
 before the LLM are not counted (``O(N^2 C)`` similarity at most, small next to the LLM).
 The vision tower and the LM head are the same with and without a method and are not counted.
@@ -48,7 +48,8 @@ def scoring_flops(info: ModelInfo, plan: Plan, text: int, images: int, vision_hi
             total += 2 * n * d * gc + 2 * d * hc + 2 * n * hc
         elif s.scorer.kind == "pagerank":
             n = text + images * per_layer[s.scorer.layers[0]]
-            total += 2 * n * d * (hc + gc) + 5 * 2 * n * n * hc  # q and k of every token; 5 passes of q k^T
+            # q and k of every token, one q k^T (kept while it fits in memory), 5 passes of s M.
+            total += 2 * n * d * (hc + gc) + 2 * n * n * hc + 5 * 2 * n * n * info.num_heads
         elif s.scorer.kind == "cls_attention":
             total += images * len(s.scorer.layers) * 2 * (plan.image_tokens + 1) * vision_hidden**2
     return total

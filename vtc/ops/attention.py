@@ -132,14 +132,16 @@ def attention_pagerank(
     iters: int = 5,
     temperature: float = 0.1,
     chunk: int = 256,
+    cache_bytes: int = 256 * 2**20,
 ) -> torch.Tensor:
     """Token importance by PageRank over a decoder layer's own causal attention (AIM's rule).
 
     With ``M = softmax(q k^T / sqrt(d) / temperature)`` over keys (causal, ``key_mask``),
     all tokens as queries, per head: ``s <- s M`` from a uniform start, ``iters`` times; heads
-    are combined by root mean square. Returns ``[B, N]``. ``M`` is recomputed in blocks of
-    ``chunk`` query rows at each iteration, so memory stays ``O(chunk N)`` per head; the cost
-    is ``iters`` times the layer's ``q k^T`` (``2 N^2 h c`` FLOPs each).
+    are combined by root mean square. Returns ``[B, N]``. ``M`` is computed in blocks of
+    ``chunk`` query rows; when all of it fits in ``cache_bytes`` it is kept (one ``q k^T``,
+    ``2 N^2 h c`` FLOPs), otherwise recomputed at each iteration so memory stays
+    ``O(chunk N)`` per head (``iters`` times the ``q k^T``).
 
     Example:
         >>> from transformers import LlamaConfig
@@ -161,17 +163,22 @@ def attention_pagerank(
         k = k[:, :, None]  # [B, KV, 1, N, d]: shared by the query heads of its group
         valid = torch.ones(bsz, n, dtype=torch.bool, device=device) if key_mask is None else key_mask.bool()
         scale = attn.scaling / temperature
+
+        def block(rows: slice) -> torch.Tensor:
+            logits = torch.matmul(q[..., rows, :], k.transpose(-1, -2)) * scale  # [B, KV, G, c, N]
+            idx = torch.arange(rows.start, rows.stop, device=device)
+            allowed = (torch.arange(n, device=device)[None] <= idx[:, None])[None] & valid[:, None, :]
+            # A query with no allowed key (left padding) contributes nothing.
+            return torch.nan_to_num(logits.masked_fill(~allowed[:, None, None], float("-inf")).softmax(dim=-1))
+
+        blocks = [slice(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+        # Keep the probabilities when they fit in ``cache_bytes``: then q k^T runs once, not per iteration.
+        kept = [block(rows) for rows in blocks] if bsz * heads * n * n * 4 <= cache_bytes else None
         s = q.new_full((bsz, kv_heads, heads // kv_heads, n), 1.0 / n)
         for _ in range(iters):
             new = torch.zeros_like(s)
-            for start in range(0, n, chunk):
-                rows = slice(start, min(n, start + chunk))
-                logits = torch.matmul(q[..., rows, :], k.transpose(-1, -2)) * scale  # [B, KV, G, c, N]
-                idx = torch.arange(rows.start, rows.stop, device=device)
-                allowed = (torch.arange(n, device=device)[None] <= idx[:, None])[None] & valid[:, None, :]
-                logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-                # A query with no allowed key (left padding) contributes nothing.
-                probs = torch.nan_to_num(logits.softmax(dim=-1))
+            for i, rows in enumerate(blocks):
+                probs = kept[i] if kept is not None else block(rows)
                 new += torch.einsum("bkgc,bkgcn->bkgn", s[..., rows], probs)
             s = new
         return s.view(bsz, heads, n).pow(2).mean(dim=1).sqrt()

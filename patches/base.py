@@ -18,6 +18,7 @@ Only instances are patched; nothing in ``transformers.models`` is rebound, and
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 from typing import Any, ClassVar
@@ -112,6 +113,8 @@ class Installation:
         # A stage that keeps every token it receives is skipped: no scoring, no gather.
         reaching = [plan.image_tokens, *(s.keep for s in plan.stages)]
         active = tuple(s for s, n in zip(plan.stages, reaching) if s.keep < n)
+        # What actually runs, for the accounting (a skipped stage costs no scoring).
+        self.active_plan = dataclasses.replace(plan, stages=active)
         self.vision_stages = tuple(s for s in active if s.layer is None)
         self.layer_stages = LayerStages(
             adapter.decoder_layers(), adapter.rotary(), tuple(s for s in active if s.layer is not None),
@@ -195,7 +198,7 @@ class Installation:
             return
         image_mask = ids == self.adapter.image_token_id
         if not has_images or not bool(image_mask.any()):
-            self.last_stats = make_stats(self.info, self.plan, ids.shape[1], 0)
+            self.last_stats = make_stats(self.info, self.active_plan, ids.shape[1], 0)
             return
         self._prefill(a, ids, image_mask)
 
@@ -256,7 +259,8 @@ class Installation:
             )
             kept = self._seq.kept  # layer stages add their survivors to the same record
         text = total - per_sample * n
-        self.last_stats = make_stats(self.info, self.plan, text, per_sample, kept, self.adapter.vision_hidden_size())
+        self.last_stats = make_stats(self.info, self.active_plan, text, per_sample, kept,
+                                     self.adapter.vision_hidden_size())
 
     def _reduce_inputs(self, a: dict, rows: torch.Tensor, compact: bool) -> None:
         """Gather the sequence inputs to ``rows``; always pass a mask (gapped positions need one)."""

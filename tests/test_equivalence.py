@@ -30,6 +30,7 @@ def test_full_budget_is_identity(model, inputs, case):
             logits = model(**inputs).logits
         tokens, _ = greedy(model, inputs)
         assert vtc.stats(model).equivalent_tokens == full_budget(model)
+        assert vtc.stats(model).flops_ratio == 1.0  # skipped stages cost no scoring
     assert torch.equal(logits, ref_logits)
     assert torch.equal(tokens, ref_tokens)
 

@@ -68,6 +68,42 @@ def _x(v):
     return "" if v is None else f"{v:.2f}x"
 
 
+def pivot(rows: list[dict]) -> list[str]:
+    """Markdown lines: one row per method, one column per budget, cells ``accuracy (FLOPs %)``
+    of each task's main metric; the full model's row first. Unreachable cells are blank.
+
+    Example:
+        >>> pivot([{"config": {"method": None, "budget": None}, "metrics": {"t": {"acc": 1.0}},
+        ...         "costs": {"flops": 2.0}}])[2]
+        '| full | 1.000 (100%) |'
+    """
+    tasks = sorted({t for r in rows for t in r["metrics"]})
+    full = next((r for r in rows if r["config"]["method"] is None), None)
+    budgets = sorted({r["config"]["budget"] for r in rows if r["config"]["budget"] is not None}, reverse=True)
+    methods = sorted({r["config"]["method"] for r in rows if r["config"]["method"]})
+    by = {(r["config"]["method"], r["config"]["budget"]): r for r in rows}
+    lines = []
+    for task in tasks:
+        head = ["method"] + ([f"budget {b:g}" for b in budgets] or ["full"])
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+        def cell(r, task=task):
+            if r is None or task not in r["metrics"]:
+                return ""
+            m = r["metrics"][task]
+            ratio = r["costs"]["flops"] / full["costs"]["flops"] if full and r["costs"].get("flops") else 1.0
+            return f"{m[main_metric(m)]:.3f} ({ratio:.0%})"
+
+        if full:
+            lines.append("| full | " + " | ".join([cell(full)] * max(1, len(budgets))) + " |")
+        for method in methods:
+            line = [method] + [cell(by.get((method, b))) for b in budgets]
+            if not budgets:
+                line.append(cell(by.get((method, None))))
+            lines.append("| " + " | ".join(line) + " |")
+    return lines
+
+
 def write_reports(out: str | Path) -> None:
     """Write ``summary.md``, ``summary.csv``, ``accuracy_vs_budget.png``, ``accuracy_vs_flops.png``."""
     out = Path(out)
@@ -80,8 +116,11 @@ def write_reports(out: str | Path) -> None:
     cfg = rows[-1]["config"]
     lines = [f"# Sweep: {cfg['model']} on {', '.join(cfg['tasks'])}", "",
              f"{len(rows)} cells; limit {cfg['limit']}, batch {cfg['batch_size']}, {cfg['device']}, {cfg['dtype']}, "
-             f"attention {cfg['attn'] or 'default'}; versions {json.dumps(rows[-1]['versions'])}.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+             f"attention {cfg['attn'] or 'default'}; versions {json.dumps(rows[-1]['versions'])}."]
+    lines += ["", "Main metric by method and budget (analytic prefill FLOPs against the full model):", ""]
+    lines += pivot(rows)
+    lines += ["", "Every cell:", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in line) + " |" for line in body]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     plot(rows, out)

@@ -97,10 +97,14 @@ def pivot(rows: list[dict]) -> list[str]:
         if full:
             lines.append("| full | " + " | ".join([cell(full)] * max(1, len(budgets))) + " |")
         for method in methods:
-            line = [method] + [cell(by.get((method, b))) for b in budgets]
-            if not budgets:
-                line.append(cell(by.get((method, None))))
-            lines.append("| " + " | ".join(line) + " |")
+            if budgets and any((method, b) in by for b in budgets):
+                lines.append("| " + " | ".join([method] + [cell(by.get((method, b))) for b in budgets]) + " |")
+        # Methods without a budget (schedules) get a row each, with their equivalent tokens.
+        for r in rows:
+            if r["config"]["method"] and r["config"]["budget"] is None and task in r["metrics"]:
+                tokens = r["costs"].get("equivalent_tokens") or 0
+                blank = [""] * max(0, len(budgets) - 1)
+                lines.append(f"| {r['cell']}, {tokens:.1f} tokens | " + " | ".join([cell(r), *blank]) + " |")
     return lines
 
 

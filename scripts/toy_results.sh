@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduce docs/results.md on the bundled toy model (CPU, offline): the method sweep, the
-# searched schedules, and their check on the held-out questions. Every step resumes.
+# Reproduce docs/results.md on the bundled toy model (CPU, offline): the method sweep (with
+# each method's own position rule, then with original positions kept), the searched
+# schedules, and their check on the held-out questions. Every step resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VTC=${VTC:-.venv/bin/vtc}
@@ -11,13 +12,19 @@ BUDGETS=1.0,0.3333333,0.2222222,0.1111111
 $VTC sweep --methods aim,fastv,pdrop,pool,psigmoid,random,tome,visionzip,vtc_cls,vtc_cls+pdrop \
   --budgets "$BUDGETS" --out "$OUT"
 
+# The same with survivors keeping their original positions (see docs/results.md for why).
+$VTC sweep --methods fastv,pdrop,pool,psigmoid,random,tome,visionzip,vtc_cls,vtc_cls+pdrop \
+  --budgets 0.3333333,0.2222222,0.1111111 --param positions=keep --out "$OUT-keep"
+
 mkdir -p runs/search
 # Calibration: 200 questions of seed 2718 (neither training's nor the evaluation's).
 $VTC search gsearch --metric accuracy --limit 200 --tolerance 0.01 --out runs/search/gsearch.json
+$VTC search gsearch --metric accuracy --limit 300 --tolerance 0.003 --out runs/search/gsearch_strict.json
 $VTC search psigmoid --metric accuracy --limit 200 --budget 48 --trials 16 --out runs/search/psigmoid48.json
 $VTC search psigmoid --metric accuracy --limit 200 --budget 32 --trials 16 --out runs/search/psigmoid32.json
 
 # The searched schedules on the held-out evaluation questions, beside the sweep.
 $VTC sweep --methods gsearch --param gsearch.schedule=runs/search/gsearch.json --out "$OUT"
+$VTC sweep --methods gsearch --param gsearch.schedule=runs/search/gsearch_strict.json --out "$OUT"
 $VTC sweep --methods schedule --param schedule.schedule=runs/search/psigmoid48.json --out "$OUT"
 $VTC sweep --methods schedule --param schedule.schedule=runs/search/psigmoid32.json --out "$OUT"

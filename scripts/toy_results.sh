@@ -17,7 +17,7 @@ $VTC sweep --methods fastv,pdrop,pool,psigmoid,random,tome,visionzip,vtc_cls,vtc
   --budgets 0.3333333,0.2222222,0.1111111 --param positions=keep --out "$OUT-keep"
 
 mkdir -p runs/search
-# Calibration: 200 questions of seed 2718 (neither training's nor the evaluation's).
+# Calibration: questions of seed 2718 (neither training's nor the evaluation's).
 $VTC search gsearch --metric accuracy --limit 200 --tolerance 0.01 --out runs/search/gsearch.json
 $VTC search gsearch --metric accuracy --limit 300 --tolerance 0.003 --out runs/search/gsearch_strict.json
 $VTC search psigmoid --metric accuracy --limit 200 --budget 48 --trials 16 --out runs/search/psigmoid48.json
@@ -28,3 +28,6 @@ $VTC sweep --methods gsearch --param gsearch.schedule=runs/search/gsearch.json -
 $VTC sweep --methods gsearch --param gsearch.schedule=runs/search/gsearch_strict.json --out "$OUT"
 $VTC sweep --methods schedule --param schedule.schedule=runs/search/psigmoid48.json --out "$OUT"
 $VTC sweep --methods schedule --param schedule.schedule=runs/search/psigmoid32.json --out "$OUT"
+
+.venv/bin/python scripts/plot_schedules.py runs/search/gsearch.json runs/search/gsearch_strict.json \
+  runs/search/psigmoid48.json runs/search/psigmoid32.json --out docs/results/toy_schedules.png

@@ -142,3 +142,13 @@ def test_a_schedule_is_one_cell_without_budget(toy_shaped, tmp_path):
                  params={"schedule": json.dumps({"counts": [144, 72, 36, 0]})})
     cells, _ = sweep.plan_cells(spec)
     assert [c.name for c in cells] == ["full", "schedule", "random@16"]
+
+
+def test_plugin_applies_a_schedule_file(toy_shaped, tmp_path):
+    from lmms_eval.models import get_model
+
+    from vtc.eval.search import write_schedule
+
+    path = write_schedule(tmp_path / "g.json", [144, 40, 20, 5], 144, model="toy-shaped")
+    lm = get_model("vtc").create_from_arg_string(f"pretrained={toy_shaped},method=gsearch,schedule={path},device=cpu")
+    assert lm.model.__dict__["_vtc"].plan.tokens_per_layer() == [144, 40, 20, 5]

@@ -88,7 +88,7 @@ class SearchSpec:
 
     algorithm: str  # "gsearch" or "psigmoid"
     model: str = "toy"
-    calib: str = "toy_vqa"
+    calib: str = "toy_vqa"  # the toy questions natively, or any lmms-eval task
     limit: int = 64
     metric: str = "kl"
     tolerance: float = 0.01
@@ -104,8 +104,6 @@ class SearchSpec:
             raise VtcError(f"unknown search {self.algorithm!r}: use gsearch or psigmoid")
         if self.metric not in ("kl", "accuracy"):
             raise VtcError(f"unknown metric {self.metric!r}: use kl (label-free) or accuracy")
-        if self.calib != "toy_vqa":
-            raise VtcError(f"calibration set {self.calib!r} is not supported yet: use toy_vqa")
         if self.algorithm == "psigmoid" and self.budget is None:
             raise VtcError("psigmoid searches the best schedule at a budget: pass --budget")
 
@@ -124,10 +122,12 @@ class Calibration:
         -0.0
     """
 
-    def __init__(self, model, processor, records, metric: str, batch_size: int = 16, steps: int = 3) -> None:
+    def __init__(self, model, processor, records, metric: str, batch_size: int = 16, steps: int = 3,
+                 accuracy: Callable[[], float] | None = None) -> None:
         from vtc.eval import toy
 
         self.model, self.processor, self.records, self.metric = model, processor, records, metric
+        self.accuracy = accuracy  # for records without answers (an lmms-eval task scores itself)
         self.steps, self.batch_size = steps, batch_size
         self.batches = []
         tok = processor.tokenizer
@@ -167,6 +167,8 @@ class Calibration:
 
         with vtc.compressed(self.model, "schedule", schedule={"counts": list(counts)}):
             if self.metric == "accuracy":
+                if self.accuracy is not None:
+                    return self.accuracy()
                 preds = toy.answer(self.model, self.processor, self.records, batch_size=self.batch_size)
                 return toy.score(self.records, preds)["overall"]
             kl, n = 0.0, 0
@@ -175,6 +177,40 @@ class Calibration:
                 kl += float((ref_logp.exp() * (ref_logp - logp)).sum(-1).sum())
                 n += ref_logp.shape[0] * ref_logp.shape[1]
             return -kl / n
+
+
+def lmms_task_calibration(task: str, limit: int, model, processor, batch_size: int):
+    """Calibration questions from an lmms-eval task's documents (first image and prompt of each),
+    and a function scoring the model on the same ``limit`` documents with the task's own metric."""
+    from types import SimpleNamespace
+
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    from vtc.eval.lmms_plugin import VtcLMM
+    from vtc.eval.report import main_metric
+    from vtc.eval.sweep import SweepSpec, prepare_tasks
+
+    manager = prepare_tasks(SweepSpec(tasks=[task])) if task == "toy_vqa" else TaskManager()
+    if task not in manager.all_tasks:
+        raise VtcError(f"unknown lmms-eval task {task!r} for calibration")
+    task_obj = get_task_dict([task], manager)[task]
+    docs = task_obj.test_docs() if task_obj.has_test_docs() else task_obj.validation_docs()
+    records = []
+    for doc in list(docs)[:limit]:
+        visuals = task_obj.doc_to_visual(doc)
+        if visuals:
+            records.append(SimpleNamespace(image=visuals[0], question=task_obj.doc_to_text(doc)))
+    lm = VtcLMM.wrap(model, processor, batch_size=batch_size)
+
+    def accuracy() -> float:
+        out = simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=manager, batch_size=batch_size,
+                              log_samples=False, verbosity="WARNING")
+        metrics = {k.split(",")[0]: v for k, v in out["results"][task].items() if isinstance(v, (int, float))}
+        metrics = {k: v for k, v in metrics.items() if "stderr" not in k}
+        return float(metrics[main_metric(metrics)])
+
+    return records, accuracy
 
 
 def _journal(path: Path) -> dict[str, float]:
@@ -202,7 +238,11 @@ def run_search(spec: SearchSpec) -> Path:
     processor = vtc.load_processor(str(path))
     info = get_adapter(model).info()
     n, num = info.image_tokens, info.num_layers
-    calib = Calibration(model, processor, toy.generate(spec.limit, seed=CALIB_SEED), spec.metric, spec.batch_size)
+    if spec.calib == "toy_vqa":
+        calib = Calibration(model, processor, toy.generate(spec.limit, seed=CALIB_SEED), spec.metric, spec.batch_size)
+    else:
+        records, accuracy = lmms_task_calibration(spec.calib, spec.limit, model, processor, spec.batch_size)
+        calib = Calibration(model, processor, records, spec.metric, spec.batch_size, accuracy=accuracy)
     out = Path(spec.out)
     record = {"model": spec.model, "algorithm": spec.algorithm, "calib": spec.calib, "limit": spec.limit,
               "metric": spec.metric, "seed": spec.seed}

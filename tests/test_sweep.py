@@ -152,3 +152,15 @@ def test_plugin_applies_a_schedule_file(toy_shaped, tmp_path):
     path = write_schedule(tmp_path / "g.json", [144, 40, 20, 5], 144, model="toy-shaped")
     lm = get_model("vtc").create_from_arg_string(f"pretrained={toy_shaped},method=gsearch,schedule={path},device=cpu")
     assert lm.model.__dict__["_vtc"].plan.tokens_per_layer() == [144, 40, 20, 5]
+
+
+def test_search_calibrates_on_an_lmms_eval_task(toy_shaped):
+    from vtc.eval import search
+
+    model, processor = vtc.from_pretrained(toy_shaped), vtc.load_processor(toy_shaped)
+    records, accuracy = search.lmms_task_calibration("toy_vqa", 4, model, processor, 2)
+    assert len(records) == 4 and records[0].question.endswith("?")
+    assert 0.0 <= accuracy() <= 1.0
+    calib = search.Calibration(model, processor, records, "kl", 2, accuracy=accuracy)
+    assert calib([144, 144, 144, 144]) == pytest.approx(0.0, abs=1e-9)  # unreduced: no divergence
+    assert calib([144, 10, 5, 0]) < 0

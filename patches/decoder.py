@@ -90,7 +90,8 @@ def select_per_image(
 
 
 def gather_mask(mask: torch.Tensor | None, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor | None:
-    """Gather a 2-D ``[B, K]`` or 4-D ``[B, 1, Q, K]`` attention mask to the given query rows and key columns."""
+    """Gather a 2-D ``[B, K]`` (key columns only) or 4-D ``[B, 1, Q, K]`` attention mask to the given
+    query rows and key columns."""
     if mask is None:
         return None
     if mask.dim() == 2:
@@ -186,8 +187,7 @@ class LayerStages:
         state.overrides = {
             "position_embeddings": (cos, sin),
             "position_ids": pos,
-            "attention_mask": gather_mask(mask, keep, keep) if mask is not None and mask.dim() == 4
-            else gather_mask(mask, None, keep),
+            "attention_mask": gather_mask(mask, keep, keep),
         }
         kwargs.update(state.overrides)
         if scoring is not None and scoring.layer != index:

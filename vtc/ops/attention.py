@@ -163,22 +163,32 @@ def attention_pagerank(
         k = k[:, :, None]  # [B, KV, 1, N, d]: shared by the query heads of its group
         valid = torch.ones(bsz, n, dtype=torch.bool, device=device) if key_mask is None else key_mask.bool()
         scale = attn.scaling / temperature
+        positions = torch.arange(n, device=device)
+        neg = torch.finfo(q.dtype).min
+
+        q = q * scale  # on the small operand, not the n x n product
+        padded = not bool(valid.all())
 
         def block(rows: slice) -> torch.Tensor:
-            logits = torch.matmul(q[..., rows, :], k.transpose(-1, -2)) * scale  # [B, KV, G, c, N]
-            idx = torch.arange(rows.start, rows.stop, device=device)
-            allowed = (torch.arange(n, device=device)[None] <= idx[:, None])[None] & valid[:, None, :]
-            # A query with no allowed key (left padding) contributes nothing.
-            return torch.nan_to_num(logits.masked_fill(~allowed[:, None, None], float("-inf")).softmax(dim=-1))
+            logits = torch.matmul(q[..., rows, :], k.transpose(-1, -2))  # [B, KV, G, c, N]
+            allowed = (positions[None] <= positions[rows, None])[None] & valid[:, None, :]
+            probs = logits.masked_fill_(~allowed[:, None, None], neg).softmax(dim=-1)
+            # A padding query (no allowed key) contributes nothing.
+            return probs.mul_(valid[:, None, None, rows, None]) if padded else probs
 
-        blocks = [slice(start, min(n, start + chunk)) for start in range(0, n, chunk)]
         # Keep the probabilities when they fit in ``cache_bytes``: then q k^T runs once, not per iteration.
-        kept = [block(rows) for rows in blocks] if bsz * heads * n * n * 4 <= cache_bytes else None
-        s = q.new_full((bsz, kv_heads, heads // kv_heads, n), 1.0 / n)
-        for _ in range(iters):
-            new = torch.zeros_like(s)
-            for i, rows in enumerate(blocks):
-                probs = kept[i] if kept is not None else block(rows)
-                new += torch.einsum("bkgc,bkgcn->bkgn", s[..., rows], probs)
-            s = new
+        if bsz * heads * n * n * 4 <= cache_bytes:
+            probs = block(slice(0, n))
+            s = q.new_full((bsz, kv_heads, heads // kv_heads, 1, n), 1.0 / n)
+            for _ in range(iters):
+                s = torch.matmul(s, probs)
+            s = s.squeeze(-2)
+        else:
+            blocks = [slice(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+            s = q.new_full((bsz, kv_heads, heads // kv_heads, n), 1.0 / n)
+            for _ in range(iters):
+                new = torch.zeros_like(s)
+                for rows in blocks:
+                    new += torch.matmul(s[..., None, rows], block(rows)).squeeze(-2)
+                s = new
         return s.view(bsz, heads, n).pow(2).mean(dim=1).sqrt()

@@ -230,7 +230,7 @@ def _journal(path: Path) -> dict[str, float]:
 def run_search(spec: SearchSpec) -> Path:
     """Run G-Search or P-Sigmoid on the calibration set and write the schedule file."""
     from vtc.eval import toy
-    from vtc.methods.psigmoid import psigmoid, solve_center
+    from vtc.methods.psigmoid import psigmoid_counts
 
     spec.check()
     path = toy.MODEL_PATH if spec.model == "toy" else spec.model
@@ -276,9 +276,7 @@ def run_search(spec: SearchSpec) -> Path:
                                     sampler=optuna.samplers.GPSampler(seed=spec.seed), load_if_exists=True)
 
         def schedule(r_min, slope):
-            fracs = psigmoid(num, r_min, slope, solve_center(num, r_min, slope, fraction))
-            counts = [n] + [round(f * n) for f in fracs[1:]]
-            return [min(counts[: i + 1]) for i in range(num)]
+            return psigmoid_counts(num, n, r_min, slope, fraction)
 
         def objective(trial):
             # Layer 0 keeps everything, so the floor must leave room for the average to meet the budget.

@@ -215,9 +215,12 @@ class LayerStages:
         rows = state.layer_rows[index]
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            total = mask.shape[-1]
-            new = torch.arange(state.length, total, device=rows.device).expand(rows.shape[0], -1)
-            kwargs["attention_mask"] = gather_mask(mask, None, torch.cat([rows, new], dim=1))
+            # Layers between two stages share their survivors: gather once per step for them.
+            masks = step.setdefault("masks", {})
+            if id(rows) not in masks:
+                new = torch.arange(state.length, mask.shape[-1], device=rows.device).expand(rows.shape[0], -1)
+                masks[id(rows)] = gather_mask(mask, None, torch.cat([rows, new], dim=1))
+            kwargs["attention_mask"] = masks[id(rows)]
         shift = state.layer_shift[index]
         if shift:
             # Under compact positions a new token sits right after this layer's survivors.

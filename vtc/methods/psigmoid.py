@@ -46,6 +46,18 @@ def solve_center(num_layers: int, r_min: float, slope: float, budget_fraction: f
     return (lo + hi) / 2
 
 
+def psigmoid_counts(num_layers: int, tokens: int, r_min: float, slope: float, fraction: float) -> list[int]:
+    """Per-layer token counts of the sigmoid meeting ``fraction`` on average, never growing.
+
+    Example:
+        >>> psigmoid_counts(4, 16, 0.1, 2.0, 0.5)
+        [16, 10, 4, 2]
+    """
+    fracs = psigmoid(num_layers, r_min, slope, solve_center(num_layers, r_min, slope, fraction))
+    counts = [tokens] + [min(tokens, round(f * tokens)) for f in fracs[1:]]
+    return [min(counts[: i + 1]) for i in range(num_layers)]
+
+
 @register_method
 @dataclasses.dataclass
 class PSigmoid(Method):
@@ -78,10 +90,7 @@ class PSigmoid(Method):
                 f"psigmoid keeps all tokens in layer 0 and at least r_min={self.r_min} after, so it cannot reach "
                 f"budget {budget!r}: the lowest feasible budget is {lowest * n:.1f} tokens; lower r_min or raise it"
             )
-        fracs = psigmoid(info.num_layers, self.r_min, self.slope, solve_center(info.num_layers, self.r_min,
-                                                                              self.slope, fraction))
-        counts = [n] + [min(n, round(f * n)) for f in fracs[1:]]
-        counts = [min(c, min(counts[: i + 1])) for i, c in enumerate(counts)]
+        counts = psigmoid_counts(info.num_layers, n, self.r_min, self.slope, fraction)
         plan = Schedule({"counts": counts}, positions=self.positions).compile(info)
         return Plan(self.name, plan.stages, n, info.num_layers, {**dataclasses.asdict(self), "budget": budget})
 

@@ -124,14 +124,24 @@ class LayerStages:
         # on the rows entering it (PyramidDrop); one for a later stage on the rows this layer
         # keeps, i.e. what its attention actually sees (FastV, AIM).
         self.score_layers = {s.scorer.layers[0]: s for s in stages if s.scorer.kind in SCORERS}
+        # A score for a later stage is taken after the scoring layer ran, from the q and k
+        # projections its own attention computed: scoring then costs no projection.
+        self.after_layers = {i: s for i, s in self.score_layers.items() if s.layer > i}
         self.first = min([*self.by_layer, *self.score_layers]) if stages else len(layers)
         self.handles: list = []
+        self._armed: int | None = None  # the scoring layer whose projections are being captured
+        self._projections: dict[str, torch.Tensor] = {}
 
     def install(self) -> None:
         for i, layer in enumerate(self.layers):
             if i >= self.first:
                 check_layer_signature(layer)
                 self.handles.append(layer.register_forward_pre_hook(self._hook(i), with_kwargs=True))
+            if i in self.after_layers:
+                for name in ("q_proj", "k_proj"):
+                    proj = getattr(layer.self_attn, name)
+                    self.handles.append(proj.register_forward_hook(self._capture(i, name[0])))
+                self.handles.append(layer.register_forward_hook(self._after(i), with_kwargs=True))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -140,6 +150,8 @@ class LayerStages:
 
     def _hook(self, index: int):
         def hook(module, args, kwargs):
+            if index == self.first:
+                self._disarm()  # nothing left over from a forward that raised
             step = self.decoding()
             if step is not None:
                 return self._decode(index, args, kwargs, step)
@@ -163,9 +175,9 @@ class LayerStages:
         if scoring is not None and scoring.layer == index:
             state.scores[index] = self._score(scoring, module, hidden, kwargs, state)
         stage = self.by_layer.get(index)
+        if scoring is not None and scoring.layer != index:
+            self._armed = index  # scored in _after, on the rows this layer keeps
         if stage is None:
-            if scoring is not None:
-                state.scores[scoring.layer] = self._score(scoring, module, hidden, kwargs, state)
             return args, kwargs
         keep = select_per_image(state.scores.pop(index), state.image_of, state.num_images, stage.keep)
         hidden = ops.gather_tokens(hidden, keep)
@@ -190,8 +202,6 @@ class LayerStages:
             "attention_mask": gather_mask(mask, keep, keep),
         }
         kwargs.update(state.overrides)
-        if scoring is not None and scoring.layer != index:
-            state.scores[scoring.layer] = self._score(scoring, module, hidden, kwargs, state)
         shift = state.layer_shift.get(index, 0) + (hidden_len - keep.shape[1] if compact else 0)
         for later in range(index, len(self.layers)):
             state.layer_rows[later] = state.rows
@@ -203,10 +213,35 @@ class LayerStages:
         return args, kwargs
 
     @staticmethod
-    def _score(stage: Stage, module, hidden, kwargs, state: SequenceState) -> torch.Tensor:
+    def _score(stage: Stage, module, hidden, kwargs, state: SequenceState, projections=None) -> torch.Tensor:
         scorer = SCORERS[stage.scorer.kind]
         return scorer(module, hidden, kwargs["position_embeddings"], key_mask=state.key_valid,
-                      **dict(stage.scorer.options))
+                      projections=projections, **dict(stage.scorer.options))
+
+    def _disarm(self) -> None:
+        self._armed = None
+        self._projections.clear()
+
+    def _capture(self, index: int, name: str):
+        def hook(module, args, output):
+            if self._armed == index:
+                self._projections[name] = output
+
+        return hook
+
+    def _after(self, index: int):
+        def hook(module, args, kwargs, output):
+            if self._armed != index:
+                return None
+            projections = (self._projections["q"], self._projections["k"])
+            self._disarm()
+            hidden = args[0] if args else kwargs["hidden_states"]
+            stage = self.after_layers[index]
+            state = self.state()
+            state.scores[stage.layer] = self._score(stage, module, hidden, kwargs, state, projections)
+            return None
+
+        return hook
 
     def _decode(self, index, args, kwargs, step: dict):
         state: SequenceState | None = step.get("state")

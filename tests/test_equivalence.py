@@ -195,3 +195,19 @@ def test_vision_tower_runs_once_per_prefill(model, inputs, case):
             assert len(calls) == 2
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("case", ["fastv", "aim"])
+def test_scoring_at_an_earlier_layer_reuses_its_projections(model, inputs, case):
+    # FastV and AIM score a stage with the previous layer's attention: its own q/k projections
+    # are captured, not computed a second time.
+    stage = vtc.plan(model, METHODS[case][0], **METHODS[case][1]).layer_stages[-1]
+    k_proj = model.model.language_model.layers[stage.scorer.layers[0]].self_attn.k_proj
+    calls = []
+    handle = k_proj.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with vtc.compressed(model, METHODS[case][0], **METHODS[case][1]), torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    assert len(calls) == 1

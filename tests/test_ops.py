@@ -132,3 +132,13 @@ def test_attention_pagerank_matches_dense_pagerank_over_eager_weights():
             got = ops.attention_pagerank(lm.layers[1], captured["h"], captured["pe"], key_mask=mask.bool(), iters=4,
                                          temperature=1.0, chunk=5, cache_bytes=cache_bytes)
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+        # The layer's own q/k projections, captured as its attention computes them, give the same.
+        layer = lm.layers[1]
+        h = layer.input_layernorm(captured["h"])
+        projections = (layer.self_attn.q_proj(h), layer.self_attn.k_proj(h))
+        got = ops.attention_pagerank(layer, captured["h"], captured["pe"], key_mask=mask.bool(), iters=4,
+                                     temperature=1.0, projections=projections)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(
+            ops.query_attention(layer, captured["h"], captured["pe"], key_mask=mask.bool(), projections=projections),
+            ops.query_attention(layer, captured["h"], captured["pe"], key_mask=mask.bool()), atol=1e-7, rtol=1e-5)

@@ -41,17 +41,23 @@ def _mean_head_softmax(logits: torch.Tensor, key_mask: torch.Tensor | None) -> t
     return logits.softmax(dim=-1).mean(dim=1)
 
 
-def _rotated_qk(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings, rows: slice):
+def _rotated_qk(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings, rows: slice,
+                projections: tuple[torch.Tensor, torch.Tensor] | None = None):
     """A decoder layer's queries (of ``rows``) and keys (of all tokens) as its attention sees
     them: after ``input_layernorm``, the projections, optional q/k norms and RoPE.
+    ``projections``: the layer's own ``q_proj`` and ``k_proj`` outputs for all tokens, when its
+    attention already computed them (then only the norms and RoPE are applied here).
     Shapes ``[B, heads, r, d]`` and ``[B, kv_heads, N, d]``."""
     attn = layer.self_attn
     bsz, n, _ = hidden_states.shape
     hd = attn.head_dim
-    h = layer.input_layernorm(hidden_states)
-    hq = h[:, rows]
-    q = attn.q_proj(hq).view(bsz, hq.shape[1], -1, hd).transpose(1, 2)
-    k = attn.k_proj(h).view(bsz, n, -1, hd).transpose(1, 2)
+    if projections is None:
+        h = layer.input_layernorm(hidden_states)
+        q, k = attn.q_proj(h[:, rows]), attn.k_proj(h)
+    else:
+        q, k = projections[0][:, rows], projections[1]
+    q = q.reshape(bsz, q.shape[1], -1, hd).transpose(1, 2)
+    k = k.reshape(bsz, n, -1, hd).transpose(1, 2)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     cos, sin = (t.expand(bsz, -1, -1) for t in position_embeddings)
@@ -64,6 +70,7 @@ def query_attention(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     key_mask: torch.Tensor | None = None,
     query_index: int = -1,
+    projections: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one query token to every key, as decoder ``layer`` would compute it.
 
@@ -73,7 +80,9 @@ def query_attention(
     ``(cos, sin)`` it receives. Returns softmax probabilities of the query at
     ``query_index`` over the ``N`` keys (masked where ``key_mask`` is False), averaged over
     heads: ``[B, N]``. Cost: one key projection, ``O(N d)`` per head, no ``N x N`` matrix.
-    Keys after the query are masked, as causal attention would.
+    Keys after the query are masked, as causal attention would. ``projections``: the layer's
+    ``q_proj``/``k_proj`` outputs for all tokens, if it already computed them (saves the key
+    projection).
 
     Example:
         >>> from transformers import LlamaConfig
@@ -87,7 +96,7 @@ def query_attention(
     """
     bsz, n, _ = hidden_states.shape
     qi = query_index % n
-    q, k = _rotated_qk(layer, hidden_states, position_embeddings, slice(qi, qi + 1))
+    q, k = _rotated_qk(layer, hidden_states, position_embeddings, slice(qi, qi + 1), projections)
     hd, heads, kv_heads = q.shape[-1], q.shape[1], k.shape[1]
     attn = layer.self_attn
     # Grouped-query attention without repeating the keys: group the query heads per kv head.
@@ -133,6 +142,7 @@ def attention_pagerank(
     temperature: float = 0.1,
     chunk: int = 256,
     cache_bytes: int = 256 * 2**20,
+    projections: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Token importance by PageRank over a decoder layer's own causal attention (AIM's rule).
 
@@ -141,7 +151,8 @@ def attention_pagerank(
     are combined by root mean square. Returns ``[B, N]``. ``M`` is computed in blocks of
     ``chunk`` query rows; when all of it fits in ``cache_bytes`` it is kept (one ``q k^T``,
     ``2 N^2 h c`` FLOPs), otherwise recomputed at each iteration so memory stays
-    ``O(chunk N)`` per head (``iters`` times the ``q k^T``).
+    ``O(chunk N)`` per head (``iters`` times the ``q k^T``). ``projections``: the layer's
+    ``q_proj``/``k_proj`` outputs, if its attention already computed them.
 
     Example:
         >>> from transformers import LlamaConfig
@@ -157,23 +168,32 @@ def attention_pagerank(
     bsz, n, _ = hidden_states.shape
     device = hidden_states.device
     with torch.no_grad():
-        q, k = (t.float() for t in _rotated_qk(layer, hidden_states, position_embeddings, slice(None)))
+        q, k = (t.float() for t in _rotated_qk(layer, hidden_states, position_embeddings, slice(None), projections))
         hd, heads, kv_heads = q.shape[-1], q.shape[1], k.shape[1]
         q = q.view(bsz, kv_heads, heads // kv_heads, n, hd)
         k = k[:, :, None]  # [B, KV, 1, N, d]: shared by the query heads of its group
         valid = torch.ones(bsz, n, dtype=torch.bool, device=device) if key_mask is None else key_mask.bool()
         scale = attn.scaling / temperature
         positions = torch.arange(n, device=device)
-        neg = torch.finfo(q.dtype).min
 
         q = q * scale  # on the small operand, not the n x n product
         padded = not bool(valid.all())
 
         def block(rows: slice) -> torch.Tensor:
             logits = torch.matmul(q[..., rows, :], k.transpose(-1, -2))  # [B, KV, G, c, N]
-            allowed = (positions[None] <= positions[rows, None])[None] & valid[:, None, :]
-            probs = logits.masked_fill_(~allowed[:, None, None], neg).softmax(dim=-1)
-            # A padding query (no allowed key) contributes nothing.
+            causal = positions[None] <= positions[rows, None]
+            # Every query may see itself, so no row is empty (a padding query is zeroed below).
+            allowed = (causal[None] & valid[:, None, :]) | (positions[None] == positions[rows, None])[None]
+            allowed = allowed[:, None, None]
+            # A softmax in place, written out for speed on CPUs: the low temperature spreads
+            # logits far apart, and exp() of the very negative ones yields denormal floats (or
+            # takes a slow path for -inf), many times slower. So logits are floored at e^-80 of
+            # the row's largest (a change below float precision) and masked keys zeroed after.
+            logits.masked_fill_(~allowed, -1e30)
+            logits.sub_(logits.amax(dim=-1, keepdim=True)).clamp_min_(-80.0)
+            probs = logits.exp_().mul_(allowed)
+            probs.div_(probs.sum(dim=-1, keepdim=True))
+            # A padding query contributes nothing.
             return probs.mul_(valid[:, None, None, rows, None]) if padded else probs
 
         # Keep the probabilities when they fit in ``cache_bytes``: then q k^T runs once, not per iteration.

@@ -107,3 +107,201 @@ def llava15_shaped(*, width: int = 256, layers: int = 32, vision_layers: int = 2
         hidden=width, intermediate=int(width * 11008 / 4096), heads=max(1, width // 32), kv_heads=max(1, width // 32),
         vocab=32064, attn=attn, dtype=dtype, seed=seed,
     )
+
+
+def _text_config(text_model: str, *, layers: int, hidden: int, intermediate: int | None, heads: int, kv_heads: int,
+                 vocab: int):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        text_model, hidden_size=hidden, intermediate_size=intermediate or hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+        max_position_embeddings=8192, pad_token_id=0,
+    )
+
+
+def tiny_llava_next(
+    *,
+    layers: int = 6,
+    hidden: int = 64,
+    intermediate: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 128,
+    vision_layers: int = 4,
+    vision_hidden: int = 32,
+    tile: int = 56,
+    patch_size: int = 14,
+    text_model: str = "llama",
+    attn: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
+    """A randomly initialised ``LlavaNextForConditionalGeneration`` (CLIP tower, anyres tiles), in eval mode.
+
+    Tiles are ``tile`` px; the pinpoints ``[[tile, 2 tile], [2 tile, tile], [2 tile, 2 tile]]`` give 1x2, 2x1
+    and 2x2 grids. The image token is the last vocabulary id; features are read at layer -2, CLS dropped.
+    """
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
+        num_attention_heads=4, image_size=tile, patch_size=patch_size, projection_dim=vision_hidden,
+    )
+    text = _text_config(text_model, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads,
+                        kv_heads=kv_heads, vocab=vocab)
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=vocab - 1,
+        image_grid_pinpoints=[[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]],
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=(tile // patch_size) ** 2,
+    )
+    config._attn_implementation = attn
+    model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def tiny_internvl(
+    *,
+    layers: int = 6,
+    hidden: int = 64,
+    intermediate: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 128,
+    vision_layers: int = 4,
+    vision_hidden: int = 32,
+    tile: int = 112,
+    patch_size: int = 14,
+    text_model: str = "qwen2",
+    attn: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
+    """A randomly initialised ``InternVLForConditionalGeneration`` (q/k-normed tower), in eval mode.
+
+    ``(tile // patch_size) ** 2 / 4`` tokens per tile after the 0.5 pixel shuffle (16 by default); the image
+    token is the last vocabulary id; features are the last layer's, CLS dropped.
+    """
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+
+    torch.manual_seed(seed)
+    vision = InternVLVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
+        num_attention_heads=4, image_size=tile, patch_size=patch_size, use_qk_norm=True,
+    )
+    text = _text_config(text_model, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads,
+                        kv_heads=kv_heads, vocab=vocab)
+    ratio = 0.5
+    config = InternVLConfig(
+        vision_config=vision, text_config=text, image_token_id=vocab - 1, downsample_ratio=ratio,
+        image_seq_length=int((tile // patch_size) ** 2 * ratio**2), vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attn
+    model = InternVLForConditionalGeneration(config).to(dtype).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def _anyres_grid(config, image: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of the LLaVA-NeXT tile grid for an image of original size ``(h, w)``, base tile excluded."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    size = config.vision_config.image_size
+    best_h, best_w = select_best_resolution(list(image), config.image_grid_pinpoints)
+    return best_h // size, best_w // size
+
+
+def image_token_count(model, image) -> int:
+    """Placeholder tokens for one image: LLaVA-NeXT ``image=(h, w)`` (base + unpadded grid + a newline per row),
+    InternVL ``image=tiles`` (thumbnail included), LLaVA ``config.image_seq_length`` (``image`` ignored).
+
+    Example:
+        >>> image_token_count(tiny_llava_next(layers=1, vision_layers=1), (56, 112))
+        52
+        >>> image_token_count(tiny_internvl(layers=1, vision_layers=1), 3)
+        48
+    """
+    cfg = model.config
+    if cfg.model_type == "internvl":
+        return int(image) * cfg.image_seq_length
+    if cfg.model_type != "llava_next":
+        return cfg.image_seq_length
+    h, w = image
+    g = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    rows, cols = _anyres_grid(cfg, image)
+    cur_h, cur_w = rows * g, cols * g
+    if w / h > cur_w / cur_h:  # wider than the grid: padding rows are removed
+        cur_h -= 2 * ((cur_h - int(round(h * (cur_w / w), 7))) // 2)
+    else:  # taller: padding columns are removed
+        cur_w -= 2 * ((cur_w - int(round(w * (cur_h / h), 7))) // 2)
+    return g * g + cur_h * cur_w + cur_h
+
+
+def tiled_inputs(
+    model,
+    *,
+    images: list[list],
+    text: int = 12,
+    pad: list[int] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random left-padded prompts for LLaVA-NeXT (``images[b]`` = list of ``(h, w)``) or InternVL
+    (``images[b]`` = list of tile counts), with text before, between and after the image runs.
+
+    Returns ``input_ids``, ``attention_mask`` and ``pixel_values`` (LLaVA-NeXT: ``[num_images, max_tiles, 3, S, S]``
+    zero-padded on the tile axis, plus ``image_sizes``; InternVL: flat ``[total_tiles, 3, S, S]``).
+    """
+    cfg = model.config
+    token = cfg.image_token_id
+    next_ = cfg.model_type == "llava_next"
+    size = cfg.vision_config.image_size
+    size = size if isinstance(size, int) else size[0]
+    gen = torch.Generator().manual_seed(seed)
+    pad = pad or [0] * len(images)
+    seqs = []
+    for sample in images:
+        words = torch.randint(3, token, (text,), generator=gen)
+        pieces, cut = [], torch.linspace(0, text, len(sample) + 2).long().tolist()
+        for i, image in enumerate(sample):
+            pieces += [words[cut[i] : cut[i + 1]], torch.full((image_token_count(model, image),), token)]
+        pieces.append(words[cut[len(sample)] :])
+        seqs.append(torch.cat(pieces))
+    width = max(len(s) + p for s, p in zip(seqs, pad))
+    zeros = [torch.zeros(width - len(s), dtype=torch.long) for s in seqs]
+    ids = torch.stack([torch.cat([z, s]) for z, s in zip(zeros, seqs)])
+    mask = torch.stack([torch.cat([z, torch.ones_like(s)]) for z, s in zip(zeros, seqs)])
+    flat = [image for sample in images for image in sample]
+    out = {"input_ids": ids, "attention_mask": mask}
+    if next_:
+        tiles = [1 + rows * cols for rows, cols in (_anyres_grid(cfg, image) for image in flat)]
+        pixel = torch.zeros(len(flat), max(tiles, default=1), 3, size, size)
+        for i, n in enumerate(tiles):
+            pixel[i, :n] = torch.randn(n, 3, size, size, generator=gen)
+        out["pixel_values"] = pixel.to(model.dtype)
+        out["image_sizes"] = torch.tensor(flat, dtype=torch.long).view(-1, 2)
+    else:
+        out["pixel_values"] = torch.randn(sum(int(n) for n in flat), 3, size, size, generator=gen).to(model.dtype)
+    return out
+
+
+def llava_next_shaped(*, width: int = 256, vision_width: int = 256, layers: int = 32, vision_layers: int = 24,
+                      attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """LLaVA-NeXT-7B's geometry at reduced width: 336px tiles / patch 14 (576 tokens each), its anyres pinpoints,
+    a 24-layer tower read at layer -2, a 32-layer LLM (MLP ratio 11008/4096, head size 32).
+
+    Example:
+        >>> model = llava_next_shaped(width=64, layers=1, vision_layers=1, vision_width=32)
+        >>> image_token_count(model, (672, 672))
+        2928
+    """
+    model = tiny_llava_next(
+        tile=336, patch_size=14, vision_layers=vision_layers, vision_hidden=vision_width, layers=layers,
+        hidden=width, intermediate=int(width * 11008 / 4096), heads=max(1, width // 32), kv_heads=max(1, width // 32),
+        vocab=32064, attn=attn, dtype=dtype, seed=seed,
+    )
+    model.config.image_grid_pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    return model

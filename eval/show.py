@@ -61,7 +61,7 @@ def show(image=None, question: str | None = None, method: str = "vtc_cls", budge
             ax.set_title(f"{where}: {n} tokens" if where == "input" else f"{where}: all kept", fontsize=9)
             continue
         mask = torch.zeros(n, dtype=torch.bool)
-        mask[kept[0, 0].cpu()] = True
+        mask[kept[0].cpu()] = True  # the first image
         grid = (~mask).view(side, side).float().numpy()
         ax.imshow(grid, cmap="gray_r", alpha=0.6 * grid, vmin=0, vmax=1, extent=(0, shown.width, shown.height, 0))
         ax.set_title(f"{where}: {int(mask.sum())} kept", fontsize=9)

@@ -48,6 +48,8 @@ class Adapter:
     family: ClassVar[str] = ""
     class_names: ClassVar[tuple[str, ...]] = ()
     model_types: ClassVar[tuple[str, ...]] = ()
+    # Whether :meth:`layout` gives per-token facts (then image encoding is always wrapped).
+    has_layout: ClassVar[bool] = False
     # Parameters of the base forward the wrapper reads or rewrites.
     forward_params: ClassVar[tuple[str, ...]] = (
         "input_ids", "pixel_values", "attention_mask", "position_ids", "cache", "inputs_embeds",
@@ -83,14 +85,39 @@ class Adapter:
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
+    def pad_token_id(self) -> int:
+        """A token id that is not the image placeholder, for padding a shortened batch."""
+        pad = getattr(getattr(self.model.config, "text_config", self.model.config), "pad_token_id", None)
+        return pad if pad is not None and pad != self.image_token_id else int(self.image_token_id == 0)
+
+    def attention_implementation(self) -> str:
+        cfg = getattr(self.model.config, "text_config", self.model.config)
+        return getattr(cfg, "_attn_implementation", None) or "sdpa"
+
     def encode_images(self, arguments: dict) -> Any:
         """Run the vision tower for the base forward's ``arguments``; returns its output object."""
         raise NotImplementedError
 
-    def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> torch.Tensor:
-        """Map a per-token tower quantity ``[images, tower tokens, ...]`` (a [CLS] attention row,
-        keys) to one entry per feature token the LLM receives."""
+    def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
+        """Map a per-token tower quantity ``[tower images, tower tokens, ...]`` (a [CLS] attention
+        row, keys) to the feature entries the LLM receives (one per ``pooler_output`` entry),
+        each with one value per feature token."""
         raise NotImplementedError
+
+    def layout(self, arguments: dict) -> list[dict[str, torch.Tensor]] | None:
+        """Per ``pooler_output`` entry, structural facts about its tokens that plans use (e.g.
+        ``protected``: tokens kept at every stage), computed from the encoder's ``arguments``;
+        None if the family has none."""
+        return None
+
+    def image_lengths(self, entries: list[torch.Tensor], image_mask: torch.Tensor) -> list[int]:
+        """Tokens of each image, in order, given the encoder's ``pooler_output`` entries (one per
+        image unless a family overrides this) and the placeholder mask."""
+        return [e.shape[0] for e in entries]
+
+    def pooler_output(self, feats: list[torch.Tensor]) -> Any:
+        """The ``pooler_output`` the model's forward expects, from reduced per-image features."""
+        return feats
 
     def vision_hidden_size(self) -> int:
         return 0
@@ -119,17 +146,19 @@ class Installation:
         self.layer_stages = LayerStages(
             adapter.decoder_layers(), adapter.rotary(), tuple(s for s in active if s.layer is not None),
             state=lambda: self._seq, decoding=lambda: self._step,
+            flash="flash" in adapter.attention_implementation(),
         )
         self.cls_layers = sorted({i for s in self.vision_stages if s.scorer.kind == "cls_attention"
                                   for i in s.scorer.layers})
         self.key_layers = sorted({s.metric.layers[0] for s in self.vision_stages
                                   if s.metric is not None and s.metric.kind == "keys"})
+        self.needs_tower = bool(self.cls_layers or self.key_layers)
 
     # -- install / remove --------------------------------------------------------------
     def install(self) -> None:
         try:
             self._wrap(self.base, "forward", self._forward_wrapper)
-            if self.cls_layers or self.key_layers:
+            if self.cls_layers or self.key_layers or self.adapter.has_layout:
                 self._wrap(self.base, "get_image_features", self._features_wrapper)
                 for layer in sorted({*self.cls_layers, *self.key_layers}):
                     module = self.adapter.vision_attention(layer)
@@ -207,115 +236,176 @@ class Installation:
         out = mm.get("image")
         if out is None:
             out = self.adapter.encode_images(a)
-        feats = list(out.pooler_output)
-        bsz, n = ids.shape[0], self.info.image_tokens
-        counts = image_mask.sum(dim=1)
-        if any(f.shape[0] != n for f in feats) or bool((counts != counts[0]).any()) or int(counts[0]) % n:
-            raise VtcError(
-                f"vtc needs every sample of a batch to hold the same number of images of {n} tokens; got "
-                f"placeholder counts {counts.tolist()}; batch such prompts separately"
-            )
-        per_sample = int(counts[0]) // n
-        placeholders = image_mask.nonzero()[:, 1].view(bsz, per_sample, n)
-        feats_t = torch.stack(feats)  # [B * per_sample, n, D]
-        index = torch.arange(n, device=feats_t.device).expand(feats_t.shape[0], n)
-        kept = {}
-        for stage in self.vision_stages:
-            scores, metric = self._vision_signals(stage, out, feats)
-            scores = None if scores is None else ops.gather_tokens(scores, index)
-            metric = None if metric is None else ops.gather_tokens(metric, index)
-            feats_t, local = reduce_vision(stage, feats_t, scores, metric)
-            index = ops.gather_tokens(index, local)
-            kept[stage.where] = index.view(bsz, per_sample, -1)
-        text_rows = (~image_mask).nonzero()[:, 1].view(bsz, -1)
-        image_rows = placeholders.gather(2, index.view(bsz, per_sample, -1).to(placeholders.device))
-        rows = torch.cat([text_rows, image_rows.view(bsz, -1)], dim=1).sort(dim=1).values
-        total = ids.shape[1]
-        compact = any(s.positions == "compact" for s in self.vision_stages)
+        images = self._images(out, image_mask)
+        bsz, total = ids.shape
+        kept: dict[str, list[torch.Tensor]] = {}
+        for i, stage in enumerate(self.vision_stages):
+            kept[stage.where] = self._reduce_images(i, stage, images)
+        # Every image row, in the LLM's input: which image (global index), where in its token
+        # grid, and whether it is protected; text rows -1 / 0 / False.
+        image_of = torch.full_like(ids, -1)
+        grid_of = torch.zeros_like(ids)
+        protected = torch.zeros_like(ids, dtype=torch.bool)
+        for g, im in enumerate(images):
+            image_of[im.sample, im.rows] = g
+            grid_of[im.sample, im.rows] = torch.arange(im.rows.numel(), device=ids.device)
+            if im.protected is not None:
+                protected[im.sample, im.rows] = im.protected
         if self.vision_stages:
-            self._reduce_inputs(a, rows, compact)
+            compact = any(s.positions == "compact" for s in self.vision_stages)
+            text_rows = [(~image_mask[b]).nonzero()[:, 0] for b in range(bsz)]
+            for im in images:
+                text_rows[im.sample] = torch.cat([text_rows[im.sample], im.rows[im.index]])
+            rows, pad = ops.left_pad([r.sort().values for r in text_rows])
+            self._reduce_inputs(a, rows, pad, compact)
             out = copy.copy(out)
-            out.pooler_output = list(feats_t.unbind(0))
-            self._vision = {"rows": rows, "length": total, "dropped": total - rows.shape[1], "compact": compact}
+            out.pooler_output = self.adapter.pooler_output([im.feats for im in images])
+            real = (~pad).sum(dim=1, keepdim=True)
+            self._vision = {"rows": rows, "valid": ~pad, "length": total, "dropped": total - real,
+                            "compact": compact, "reduced": rows.shape[1]}
+            image_of = ops.gather_tokens(image_of, rows).masked_fill(pad, -2)
+            grid_of = ops.gather_tokens(grid_of, rows)
+            protected = ops.gather_tokens(protected, rows) & ~pad
         # Hand over the features computed here, so the original forward does not encode again.
         mm["image"] = out
         a["mm_encoder_outputs"], a["pixel_values"] = mm, None
-        new_ids = a["input_ids"]
         if self.layer_stages.stages:
-            is_image = new_ids == self.adapter.image_token_id
-            k = int(is_image[0].sum()) // per_sample
-            order = is_image.cumsum(dim=1) - 1
-            image_of = torch.where(is_image, order // k, -1)
-            grid_of = torch.where(is_image, index.reshape(bsz, -1).gather(1, order.clamp_min(0)), -1)
-            mask = a["attention_mask"]
+            new_ids, mask = a["input_ids"], a["attention_mask"]
+            first = len(self.vision_stages)
             self._seq = SequenceState(
                 rows=torch.arange(new_ids.shape[1], device=new_ids.device).expand(bsz, -1),
                 image_of=image_of,
                 key_valid=torch.ones_like(new_ids, dtype=torch.bool) if mask is None else mask.bool(),
                 length=new_ids.shape[1],
-                num_images=per_sample,
+                sample_of=[im.sample for im in images],
                 grid_of=grid_of,
+                protected=protected if bool(protected.any()) else None,
+                keep_of={s.where: [im.keeps[first + j] for im in images]
+                         for j, s in enumerate(self.layer_stages.stages)},
                 kept=kept,
             )
             kept = self._seq.kept  # layer stages add their survivors to the same record
-        text = total - per_sample * n
-        self.last_stats = make_stats(self.info, self.active_plan, text, per_sample, kept,
-                                     self.adapter.vision_hidden_size())
+        sizes = [im.size for im in images if im.sample == 0]
+        text = total - sum(sizes)
+        self.last_stats = make_stats(self.info, self.active_plan, text, sizes, kept, self.adapter.vision_hidden_size())
 
-    def _reduce_inputs(self, a: dict, rows: torch.Tensor, compact: bool) -> None:
-        """Gather the sequence inputs to ``rows``; always pass a mask (gapped positions need one)."""
+    def _images(self, out, image_mask: torch.Tensor) -> list[Image]:
+        """The images of a prefill, in order: features, placeholder rows and tower signals."""
+        entries = list(out.pooler_output)
+        lengths = self.adapter.image_lengths(entries, image_mask)
+        where = image_mask.nonzero()
+        if sum(lengths) != where.shape[0]:
+            raise VtcError(
+                f"the prompt holds {where.shape[0]} image placeholders but the images give {sum(lengths)} "
+                f"feature tokens: build the prompt with the model's processor"
+            )
+        feats = torch.cat([e.reshape(-1, e.shape[-1]) for e in entries]).split(lengths)
+        captured = getattr(out, SIGNALS_ATTR, None) or {}
+        per_entry = [captured.get(_key(e)) for e in entries]
+        if self.needs_tower and any(sig is None for sig in per_entry):
+            raise VtcError(
+                "this method reads the vision tower's attention while it runs: pass pixel_values (not "
+                "precomputed image features) with vtc applied"
+            )
+        signals = {}
+        if per_entry and per_entry[0] is not None:
+            signals = {name: torch.cat([sig[name] for sig in per_entry]).split(lengths) for name in per_entry[0]}
+        images, offset = [], 0
+        for g, (n, f) in enumerate(zip(lengths, feats)):
+            spot = where[offset: offset + n]
+            offset += n
+            sample = int(spot[0, 0])
+            if bool((spot[:, 0] != sample).any()):
+                raise VtcError("an image's placeholders span two samples of the batch: build the prompt with the "
+                               "model's processor")
+            mine = {name: v[g] for name, v in signals.items()}
+            protected = mine.pop("protected", None)
+            keeps = self.active_plan.keeps_for(n)
+            images.append(Image(sample, spot[:, 1], f, mine, protected, keeps,
+                                torch.arange(n, device=f.device)))
+        return images
+
+    def _reduce_images(self, i: int, stage: Stage, images: list[Image]) -> list[torch.Tensor]:
+        """Run vision stage ``i`` on every image (images of one size together); returns what each keeps."""
+        groups: dict = {}
+        for g, im in enumerate(images):
+            k, n = im.keeps[i], im.feats.shape[0]
+            if k >= n:
+                continue
+            shielded = im.protected is not None and 0 < int(im.protected[im.index].sum()) < k
+            groups.setdefault(("alone", g) if shielded else (n, k), []).append(g)
+        for members in groups.values():
+            ims = [images[g] for g in members]
+            feats = torch.stack([im.feats for im in ims])
+            scores, metric = self._vision_signals(stage, ims)
+            protected = ims[0].protected[ims[0].index] if len(ims) == 1 and ims[0].protected is not None else None
+            reduced, local = reduce_vision(dataclasses.replace(stage, keep=ims[0].keeps[i]), feats, scores, metric,
+                                           protected)
+            for j, im in enumerate(ims):
+                im.feats, im.index = reduced[j], im.index[local[j]]
+        return [im.index for im in images]
+
+    def _reduce_inputs(self, a: dict, rows: torch.Tensor, pad: torch.Tensor, compact: bool) -> None:
+        """Gather the sequence inputs to ``rows`` (``pad``: slots that fill a shortened sample, masked
+        out); always pass a mask (gapped positions need one)."""
         ids = a["input_ids"]
         mask = a["attention_mask"]
         if mask is None:
             mask = torch.ones_like(ids)
         pos = a["position_ids"]
-        if pos is None and not compact:
+        ragged = bool(pad.any())
+        if pos is None and (ragged or not compact):
             pos = torch.arange(ids.shape[1], device=ids.device)[None]
         if pos is not None:
             pos = ops.gather_tokens(pos, rows)
             if compact:
-                pos = pos - (rows - torch.arange(rows.shape[1], device=rows.device))
-        a["input_ids"] = ops.gather_tokens(ids, rows)
-        a["attention_mask"] = ops.gather_tokens(mask, rows)
+                # Move each row back by the image rows dropped before it in its sample.
+                rank = torch.arange(rows.shape[1], device=rows.device) - pad.sum(dim=1, keepdim=True)
+                pos = pos - (rows - rank)
+        a["input_ids"] = ops.gather_tokens(ids, rows).masked_fill(pad, self.adapter.pad_token_id())
+        a["attention_mask"] = ops.gather_tokens(mask, rows).masked_fill(pad, 0)
         a["position_ids"] = pos
         if a["inputs_embeds"] is not None:
             a["inputs_embeds"] = ops.gather_tokens(a["inputs_embeds"], rows)
 
-    def _vision_signals(self, stage: Stage, out, feats: list[torch.Tensor]):
-        """Scores ``[I, N]`` and merge metric ``[I, N, C]`` of a vision stage, in grid order."""
-        n = self.info.image_tokens
-        captured = getattr(out, SIGNALS_ATTR, None) or {}
-        needs_tower = stage.scorer.kind == "cls_attention" or (stage.metric and stage.metric.kind == "keys")
-        if needs_tower and any(id(f) not in captured for f in feats):
-            raise VtcError(
-                "this method reads the vision tower's attention while it runs: pass pixel_values (not "
-                "precomputed image features) with vtc applied"
-            )
+    def _vision_signals(self, stage: Stage, images: list[Image]):
+        """Scores ``[I, n]`` and merge metric ``[I, n, C]`` of a vision stage for images of one size,
+        at the tokens each still holds."""
         scores = metric = None
         if stage.scorer.kind == "random":
             gen = torch.Generator().manual_seed(stage.scorer.seed)
-            scores = torch.rand(n, generator=gen).to(feats[0].device).expand(len(feats), n)
+            n = images[0].size
+            scores = torch.rand(n, generator=gen).to(images[0].feats.device).expand(len(images), n)
+            scores = ops.gather_tokens(scores, torch.stack([im.index for im in images]))
         elif stage.scorer.kind == "cls_attention":
-            scores = torch.stack([captured[id(f)]["cls"] for f in feats])
+            scores = torch.stack([im.signals["cls"][im.index] for im in images])
         elif stage.scorer.kind not in ("none",):
             raise VtcError(f"scorer {stage.scorer.kind!r} cannot run at a vision stage")
         if stage.metric is not None and stage.metric.kind == "keys":
-            metric = torch.stack([captured[id(f)][f"keys{stage.metric.layers[0]}"] for f in feats])
+            metric = torch.stack([im.signals[f"keys{stage.metric.layers[0]}"][im.index] for im in images])
         return scores, metric
 
     def _decode_step(self, a: dict) -> None:
         if a["pixel_values"] is not None or (a["mm_encoder_outputs"] or {}).get("image") is not None:
             raise VtcError("vtc reduces images at prefill only: a step with a cache cannot add an image")
         self._step = {"state": self._seq}
+        ids = a["input_ids"] if a["input_ids"] is not None else a["inputs_embeds"]
+        # Tokens after the prompt, this step's included (the LLM's prompt is the reduced one).
+        prompt = self._seq.length if self._seq is not None else (self._vision or {}).get("reduced", 0)
+        new = a["cache"].get_seq_length() - prompt + ids.shape[1]
+        self._step["new"] = new
         v = self._vision
         if v is None:
             return
         mask = a["attention_mask"]
-        if mask is not None:
+        if mask is None and not bool(v["valid"].all()):
+            # The samples were shortened unequally: the padding slots must stay masked.
+            a["attention_mask"] = torch.cat([v["valid"].long(), v["valid"].new_ones(ids.shape[0], new).long()], 1)
+        elif mask is not None:
             if mask.dim() != 2:
                 raise VtcError("vtc needs a 2-D attention_mask in decode steps after a vision reduction")
-            new = torch.arange(v["length"], mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
-            a["attention_mask"] = ops.gather_tokens(mask, torch.cat([v["rows"], new], dim=1))
+            prompt = ops.gather_tokens(mask, v["rows"]) * v["valid"]
+            a["attention_mask"] = torch.cat([prompt, mask[:, v["length"]:]], dim=1)
         if a["position_ids"] is not None and v["compact"]:
             a["position_ids"] = a["position_ids"] - v["dropped"]
 
@@ -335,19 +425,46 @@ class Installation:
         def get_image_features(*args, **kwargs):
             self._captured.clear()
             out = original(*args, **kwargs)
-            if not self._captured:
-                return out
-            signals: dict[str, torch.Tensor] = {}
-            if self.cls_layers:
+            arguments = inspect.signature(original).bind(*args, **kwargs).arguments
+            arguments = {**arguments.pop("kwargs", {}), **arguments}
+            signals: dict[str, list[torch.Tensor]] = {}
+            if self.cls_layers and self._captured:
                 # The score is the [CLS] row averaged over the vision layers the plan reads.
                 row = torch.stack([self._captured[i] for i in self.cls_layers]).mean(dim=0)
-                signals["cls"] = self.adapter.patch_tokens(row, kwargs)
+                signals["cls"] = self.adapter.patch_tokens(row, arguments)
             for layer in self.key_layers:
-                signals[f"keys{layer}"] = self.adapter.patch_tokens(self._captured[f"keys{layer}"], kwargs)
-            feats = list(out.pooler_output)
-            per_image = [{k: v[i] for k, v in signals.items()} for i in range(len(feats))]
-            setattr(out, SIGNALS_ATTR, {id(f): sig for f, sig in zip(feats, per_image)})
+                if f"keys{layer}" in self._captured:
+                    signals[f"keys{layer}"] = self.adapter.patch_tokens(self._captured[f"keys{layer}"], arguments)
+            layout = self.adapter.layout(arguments)
+            entries = list(out.pooler_output)
+            per_entry = [{k: v[i] for k, v in signals.items()} for i in range(len(entries))]
+            for sig, extra in zip(per_entry, layout or ()):
+                sig.update(extra)
+            setattr(out, SIGNALS_ATTR, {_key(e): sig for e, sig in zip(entries, per_entry)})
             self._captured.clear()
             return out
 
         return get_image_features
+
+
+def _key(entry: torch.Tensor) -> tuple:
+    """Identifies a ``pooler_output`` entry: ``generate`` may repeat entries (beams, several
+    sequences per prompt), and an entry of a batched tensor is a new view at each access."""
+    return entry.data_ptr(), tuple(entry.shape)
+
+
+@dataclasses.dataclass
+class Image:
+    """One image of a prefill as the vision stages reduce it."""
+
+    sample: int  # the batch row it is in
+    rows: torch.Tensor  # its placeholder rows in that sample, in order
+    feats: torch.Tensor  # its feature tokens still kept ``[k, D]``
+    signals: dict  # per original token: ``cls`` scores, ``keys<L>`` merge metrics
+    protected: torch.Tensor | None  # per original token: kept at every stage
+    keeps: list[int]  # what each stage of the plan keeps of it
+    index: torch.Tensor  # which original tokens ``feats`` stand for
+
+    @property
+    def size(self) -> int:
+        return self.rows.numel()

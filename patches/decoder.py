@@ -48,45 +48,89 @@ class SequenceState:
 
     Built at prefill by the adapter; updated by each layer stage. ``rows`` holds, for the
     current sequence, each row's index in the LLM's prefill input (length ``length``);
-    ``image_of`` the image index of a row (``-1`` for text); ``key_valid`` the padding mask;
-    ``kept`` each stage's surviving grid indices per image, ``[B, images, k]``.
+    ``image_of`` the global index of a row's image (``-1`` for text, ``-2`` for a slot that
+    pads a sample shortened more than others); ``key_valid`` whether a row may be attended to;
+    ``keep_of`` each layer stage's keep count per image; ``kept`` each stage's surviving grid
+    indices per image.
     """
 
     rows: torch.Tensor
     image_of: torch.Tensor
     key_valid: torch.Tensor
     length: int
-    num_images: int
+    sample_of: list[int]
+    keep_of: dict[str, list[int]]
     # Replacements handed to every layer after the latest stage (None until a stage runs).
     overrides: dict = field(default_factory=dict)
-    # Each image row's index in its image's grid (``-1`` for text), for reporting what is kept.
+    # Each image row's index in its image's grid, by row of the LLM's input, for reporting.
     grid_of: torch.Tensor | None = None
-    # For decode: the rows each layer kept, and by how much compact stages moved positions.
+    # Rows kept at every stage (LLaVA-NeXT's row ends), or None.
+    protected: torch.Tensor | None = None
+    # For decode: the rows each layer kept, which of them are real, and by how much compact
+    # stages moved positions (per sample).
     layer_rows: dict[int, torch.Tensor] = field(default_factory=dict)
-    layer_shift: dict[int, int] = field(default_factory=dict)
+    layer_valid: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_shift: dict[int, torch.Tensor | int] = field(default_factory=dict)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
-    kept: dict[str, torch.Tensor] = field(default_factory=dict)
+    kept: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
-def select_per_image(
-    scores: torch.Tensor, image_of: torch.Tensor, num_images: int, keep: int
-) -> torch.Tensor:
-    """Rows to keep: every text row, and the ``keep`` best-scored rows of each image.
+def select_rows(
+    scores: torch.Tensor, image_of: torch.Tensor, keep_of: list[int], protected: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows to keep: every text row, and the ``keep_of[g]`` best-scored rows of each image ``g``
+    (protected rows first). Samples that keep fewer rows than others are left-padded.
 
-    ``scores`` and ``image_of`` are ``[B, n]``; returns sorted row indices ``[B, n']``.
+    ``scores``, ``image_of`` (``-1`` text, ``-2`` padding slots, dropped) and ``protected`` are
+    ``[B, n]``; returns sorted row indices ``[B, n']`` and the padding mask ``[B, n']``.
 
     Example:
-        >>> select_per_image(torch.tensor([[0., .1, .9, .5, .2]]), torch.tensor([[-1, 0, 0, 0, -1]]), 1, 2)
-        tensor([[0, 2, 3, 4]])
+        >>> select_rows(torch.tensor([[0., .1, .9, .5, .2]]), torch.tensor([[-1, 0, 0, 0, -1]]), [2])
+        (tensor([[0, 2, 3, 4]]), tensor([[False, False, False, False]]))
     """
-    parts = [(image_of < 0).nonzero()[:, 1].view(scores.shape[0], -1)]
-    for img in range(num_images if keep > 0 else 0):
-        mine = image_of == img
-        if keep >= int(mine[0].sum()):
-            parts.append(mine.nonzero()[:, 1].view(scores.shape[0], -1))
-        else:
-            parts.append(ops.topk_keep(scores, keep, valid=mine))
-    return torch.cat(parts, dim=1).sort(dim=1).values
+    if protected is not None:
+        scores = scores.masked_fill(protected, float("inf"))
+    chosen = []
+    for b in range(scores.shape[0]):
+        img = image_of[b]
+        parts = [(img == -1).nonzero()[:, 0]]
+        for g in img[img >= 0].unique().tolist():
+            mine = (img == g).nonzero()[:, 0]
+            k = keep_of[g]
+            if k >= mine.numel():
+                parts.append(mine)
+            elif k > 0:
+                parts.append(mine[ops.topk_keep(scores[b, mine][None], k)[0]])
+        chosen.append(torch.cat(parts).sort().values)
+    return ops.left_pad(chosen)
+
+
+def mask_columns(mask: torch.Tensor | None, valid: torch.Tensor, rows: torch.Tensor, flash: bool,
+                 new: int = 0, queries: int = 1) -> torch.Tensor:
+    """Forbid attending to the keys where ``valid`` ``[B, K]`` is False, in the mask a decoder
+    layer receives: a 4-D boolean (sdpa) or additive (eager) mask, a 2-D padding mask (flash
+    attention), or None: then one is built, causal by ``rows`` (the keys' original order) at
+    prefill, or in decode steps over the ``new`` tokens after the prompt for ``queries`` rows."""
+    if new:
+        valid = torch.cat([valid, valid.new_ones(valid.shape[0], new)], dim=1)
+    if mask is None:
+        if flash:
+            return valid.long()
+        bsz = valid.shape[0]
+        if new:
+            prompt = valid.shape[1] - new
+            ahead = torch.arange(new, device=valid.device)
+            later = ahead[None] <= torch.arange(new - queries, new, device=valid.device)[:, None]
+            allowed = torch.cat([valid.new_ones(bsz, queries, prompt), later[None].expand(bsz, -1, -1)], dim=2)
+            return (allowed & valid[:, None, :])[:, None]
+        causal = rows[:, None, :] <= rows[:, :, None]
+        itself = torch.eye(rows.shape[1], dtype=torch.bool, device=rows.device)
+        return ((causal & valid[:, None, :]) | itself)[:, None]
+    if mask.dim() == 2:
+        return mask * valid
+    if mask.dtype == torch.bool:
+        return mask & valid[:, None, None, :]
+    return mask.masked_fill(~valid[:, None, None, :], torch.finfo(mask.dtype).min)
 
 
 def gather_mask(mask: torch.Tensor | None, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor | None:
@@ -116,8 +160,10 @@ class LayerStages:
         stages: tuple[Stage, ...],
         state: Callable[[], SequenceState | None],
         decoding: Callable[[], dict | None],
+        flash: bool = False,
     ) -> None:
         self.layers, self.rotary, self.stages = layers, rotary, stages
+        self.flash = flash  # flash attention takes a 2-D padding mask, not a 4-D one
         self.state, self.decoding = state, decoding
         self.by_layer = {s.layer: s for s in stages}
         # Which stage each scoring layer serves. A score for a stage at the same layer is taken
@@ -170,7 +216,6 @@ class LayerStages:
             )
         kwargs.update(state.overrides)
         hidden = args[0] if args else kwargs["hidden_states"]
-        hidden_len = hidden.shape[1]
         scoring = self.score_layers.get(index)
         if scoring is not None and scoring.layer == index:
             state.scores[index] = self._score(scoring, module, hidden, kwargs, state)
@@ -179,32 +224,38 @@ class LayerStages:
             self._armed = index  # scored in _after, on the rows this layer keeps
         if stage is None:
             return args, kwargs
-        keep = select_per_image(state.scores.pop(index), state.image_of, state.num_images, stage.keep)
+        keep, pad = select_rows(state.scores.pop(index), state.image_of, state.keep_of[stage.where], state.protected)
+        valid_before = state.key_valid
         hidden = ops.gather_tokens(hidden, keep)
         state.rows = ops.gather_tokens(state.rows, keep)
-        state.image_of = ops.gather_tokens(state.image_of, keep)
-        state.key_valid = ops.gather_tokens(state.key_valid, keep)
+        state.image_of = ops.gather_tokens(state.image_of, keep).masked_fill(pad, -2)
+        state.key_valid = ops.gather_tokens(state.key_valid, keep) & ~pad
+        if state.protected is not None:
+            state.protected = ops.gather_tokens(state.protected, keep) & ~pad
         grid = ops.gather_tokens(state.grid_of, state.rows)
-        state.kept[stage.where] = grid[state.image_of >= 0].view(keep.shape[0], state.num_images, -1)
+        state.kept[stage.where] = [grid[b][state.image_of[b] == g] for g, b in enumerate(state.sample_of)]
         pos = ops.gather_tokens(kwargs["position_ids"], keep)
         compact = stage.positions == "compact"
         if compact:
-            # Re-index survivors contiguously: each row moves back by the rows this stage
+            # Re-index survivors contiguously: each row moves back by the real rows this stage
             # dropped before it (earlier stages' drops are already in the positions).
-            pos = pos - (keep - torch.arange(keep.shape[1], device=keep.device))
+            before = valid_before.long().cumsum(dim=1) - valid_before.long()
+            rank = state.key_valid.long().cumsum(dim=1) - state.key_valid.long()
+            pos = pos - (ops.gather_tokens(before, keep) - rank)
             cos, sin = self.rotary(hidden, pos)
         else:
             cos, sin = (ops.gather_tokens(t, keep) for t in kwargs["position_embeddings"])
-        mask = kwargs.get("attention_mask")
-        state.overrides = {
-            "position_embeddings": (cos, sin),
-            "position_ids": pos,
-            "attention_mask": gather_mask(mask, keep, keep),
-        }
+        mask = gather_mask(kwargs.get("attention_mask"), keep, keep)
+        if bool(pad.any()):
+            mask = mask_columns(mask, state.key_valid, state.rows, self.flash)
+        state.overrides = {"position_embeddings": (cos, sin), "position_ids": pos, "attention_mask": mask}
         kwargs.update(state.overrides)
-        shift = state.layer_shift.get(index, 0) + (hidden_len - keep.shape[1] if compact else 0)
+        shift = state.layer_shift.get(index, 0)
+        if compact:
+            shift = shift + (valid_before.sum(dim=1, keepdim=True) - state.key_valid.sum(dim=1, keepdim=True))
         for later in range(index, len(self.layers)):
             state.layer_rows[later] = state.rows
+            state.layer_valid[later] = state.key_valid
             state.layer_shift[later] = shift
         if args:
             args = (hidden, *args[1:])
@@ -247,22 +298,27 @@ class LayerStages:
         state: SequenceState | None = step.get("state")
         if state is None or index not in state.layer_rows:
             return None
-        rows = state.layer_rows[index]
+        rows, valid = state.layer_rows[index], state.layer_valid[index]
         mask = kwargs.get("attention_mask")
-        if mask is not None:
-            # Layers between two stages share their survivors: gather once per step for them.
+        if mask is not None or not bool(valid.all()):
+            # Layers between two stages share their survivors: make their mask once per step.
             masks = step.setdefault("masks", {})
             if id(rows) not in masks:
-                new = torch.arange(state.length, mask.shape[-1], device=rows.device).expand(rows.shape[0], -1)
-                masks[id(rows)] = gather_mask(mask, None, torch.cat([rows, new], dim=1))
+                hidden = args[0] if args else kwargs["hidden_states"]
+                if mask is not None:
+                    new = torch.arange(state.length, mask.shape[-1], device=rows.device).expand(rows.shape[0], -1)
+                    mask = gather_mask(mask, None, torch.cat([rows, new], dim=1))
+                if not bool(valid.all()):
+                    mask = mask_columns(mask, valid, rows, self.flash, new=step["new"], queries=hidden.shape[1])
+                masks[id(rows)] = mask
             kwargs["attention_mask"] = masks[id(rows)]
         shift = state.layer_shift[index]
-        if shift:
+        if isinstance(shift, torch.Tensor) or shift:
             # Under compact positions a new token sits right after this layer's survivors.
             cached = step.setdefault("rope", {})
-            if shift not in cached:
+            if id(shift) not in cached:
                 pos = kwargs["position_ids"] - shift
                 hidden = args[0] if args else kwargs["hidden_states"]
-                cached[shift] = (pos, self.rotary(hidden, pos))
-            kwargs["position_ids"], kwargs["position_embeddings"] = cached[shift]
+                cached[id(shift)] = (pos, self.rotary(hidden, pos))
+            kwargs["position_ids"], kwargs["position_embeddings"] = cached[id(shift)]
         return args, kwargs

@@ -87,7 +87,7 @@ class LlavaAdapter(Adapter):
             **a.get("kwargs", {}),
         )
 
-    def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> torch.Tensor:
+    def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
         strategy = arguments.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
         # "default" drops the [CLS] token from the features; "full" keeps it.
-        return per_token[:, 1:] if strategy == "default" else per_token
+        return list(per_token[:, 1:] if strategy == "default" else per_token)

@@ -11,25 +11,32 @@ import torch
 import vtc
 
 
-def survivors(model, input_ids: torch.Tensor, plan: vtc.Plan, kept: dict) -> list[tuple[int, torch.Tensor, bool]]:
-    """Per stage: (first LLM layer it affects, surviving rows of ``input_ids`` [B, n], compact?).
+def image_runs(input_ids: torch.Tensor, token: int) -> list[tuple[int, torch.Tensor]]:
+    """Each image of a batch as (sample, its placeholder rows): runs of consecutive placeholders."""
+    runs = []
+    for b in range(input_ids.shape[0]):
+        rows = (input_ids[b] == token).nonzero()[:, 0]
+        if rows.numel():
+            breaks = (rows[1:] != rows[:-1] + 1).nonzero()[:, 0] + 1
+            runs += [(b, r) for r in torch.tensor_split(rows, breaks.tolist())]
+    return runs
 
-    ``kept`` is ``vtc.stats(model).kept``: surviving grid indices per image, ``[B, images, k]``.
+
+def survivors(model, input_ids: torch.Tensor, plan: vtc.Plan, kept: dict) -> list[tuple[int, list, bool]]:
+    """Per stage: (first LLM layer it affects, each sample's surviving rows of ``input_ids``, compact?).
+
+    ``kept`` is ``vtc.stats(model).kept``: surviving grid indices of each image, in order.
     """
-    image = input_ids == model.config.image_token_id
-    bsz = input_ids.shape[0]
-    placeholders = image.nonzero()[:, 1].view(bsz, -1)
-    text = (~image).nonzero()[:, 1].view(bsz, -1)
-    n = plan.image_tokens
+    token = model.config.image_token_id
+    runs = image_runs(input_ids, token)
     out = []
     for stage in plan.stages:
         if stage.where not in kept:  # skipped: it kept every token
             continue
-        grid = kept[stage.where]  # [B, images, k]
-        offsets = torch.arange(grid.shape[1])[None, :, None] * n
-        image_rows = placeholders.gather(1, (grid + offsets).view(bsz, -1))
-        rows = torch.cat([text, image_rows], dim=1).sort(dim=1).values
-        out.append((stage.layer or 0, rows, stage.positions == "compact"))
+        rows = [(input_ids[b] != token).nonzero()[:, 0] for b in range(input_ids.shape[0])]
+        for (b, placeholders), grid in zip(runs, kept[stage.where], strict=True):
+            rows[b] = torch.cat([rows[b], placeholders[grid]])
+        out.append((stage.layer or 0, [r.sort().values for r in rows], stage.positions == "compact"))
     return out
 
 
@@ -39,30 +46,34 @@ def reference_logits(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     pixel_values: torch.Tensor,
-    stages: list[tuple[int, torch.Tensor, bool]],
+    stages: list[tuple[int, list, bool]],
     position_ids: torch.Tensor | None = None,
     vision_embeds: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of every row ``[B, P, V]`` and the rows surviving all stages ``[B, n]``.
+    prompt: int | None = None,
+    **image_inputs,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits of every row ``[B, P, V]`` and each sample's rows surviving all stages.
 
-    Rows appended after the prompt (generated tokens) are always kept; ``stages`` refer to
-    prompt rows only, so pass the prompt's stages with a longer ``input_ids``. A method that
-    merges or pools before the LLM changes features, not only rows: ``vision_embeds`` (the
-    LLM input the patched model built, ``[B, n, D]``) replaces the rows surviving the first
-    stage, so the reference checks everything after the reduction itself.
+    Rows after ``prompt`` (generated tokens) are always kept; ``stages`` refer to prompt rows
+    only, so pass the prompt's stages with a longer ``input_ids``. A method that merges or
+    pools before the LLM changes features, not only rows: ``vision_embeds`` (the LLM input the
+    patched model built, ``[B, n, D]``, left-padded where samples kept fewer rows) replaces
+    the rows surviving the first stage, so the reference checks everything after the
+    reduction itself. ``image_inputs``: what else the image encoder takes (``image_sizes``).
     """
     lm = model.model.language_model
     bsz, total = input_ids.shape
+    prompt = total if prompt is None else prompt
     embeds = model.model.get_input_embeddings()(input_ids)
-    feats = torch.cat(list(model.model.get_image_features(pixel_values=pixel_values).pooler_output))
+    feats = model.model.get_image_features(pixel_values=pixel_values, **image_inputs).pooler_output
+    feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
     image = input_ids == model.config.image_token_id
-    image &= image.cumsum(dim=1) <= feats.shape[0] // bsz  # the prompt's; a generated one is a plain token
-    image = image.unsqueeze(-1)
-    embeds = embeds.masked_scatter(image, feats.to(embeds.dtype))
+    image[:, prompt:] = False  # the prompt's; a generated one is a plain token
+    embeds = embeds.masked_scatter(image.unsqueeze(-1), feats.to(embeds.dtype))
     if vision_embeds is not None and stages and stages[0][0] == 0:
-        rows = stages[0][1]
         embeds = embeds.clone()
-        embeds.scatter_(1, rows[..., None].expand(-1, -1, embeds.shape[-1]), vision_embeds[:, : rows.shape[1]])
+        for b, rows in enumerate(stages[0][1]):
+            embeds[b, rows] = vision_embeds[b, vision_embeds.shape[1] - rows.numel():]
     pos = torch.arange(total)[None].expand(bsz, -1) if position_ids is None else position_ids.clone()
 
     # Which rows each layer may attend to, and the RoPE positions it uses.
@@ -70,9 +81,9 @@ def reference_logits(
     schedule = {0: (alive, pos)}
     for start, rows, compact in stages:
         now = torch.zeros_like(alive)
-        now.scatter_(1, rows, True)
-        after = int(rows.max()) + 1  # the last prompt row is text, always kept; later rows too
-        now[:, after:] = alive[:, after:]
+        for b, r in enumerate(rows):
+            now[b, r] = True
+        now[:, prompt:] = True  # generated rows are always kept
         dropped = (alive & ~now).long()
         if compact:
             pos = pos - (dropped.cumsum(dim=1) - dropped)
@@ -90,5 +101,4 @@ def reference_logits(
             cos_sin = lm.rotary_emb(h, cur_pos)
         h = layer(h, attention_mask=mask, position_embeddings=cos_sin, position_ids=cur_pos)
     logits = model.lm_head(lm.norm(h))
-    final = alive.nonzero()[:, 1].view(bsz, -1)
-    return logits, final
+    return logits, [alive[b].nonzero()[:, 0] for b in range(bsz)]

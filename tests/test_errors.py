@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 import vtc
@@ -80,18 +79,6 @@ def test_static_cache_is_refused(model):
         assert not vtc.is_applied(model)
     finally:
         model.generation_config.cache_implementation = None
-
-
-def test_mixed_image_counts_in_a_batch_are_refused(model):
-    one, two = tiny_inputs(model, images=1), tiny_inputs(model, images=2)
-    width = two["input_ids"].shape[1]
-    pad = width - one["input_ids"].shape[1]
-    ids = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), one["input_ids"]], 1), two["input_ids"]])
-    mask = torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), one["attention_mask"]], 1),
-                      two["attention_mask"]])
-    pixels = torch.cat([one["pixel_values"], two["pixel_values"]])
-    with vtc.compressed(model, "random", budget=4), pytest.raises(vtc.VtcError, match="same number of images"):
-        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
 
 
 def test_stats_before_any_forward(model):

@@ -18,7 +18,8 @@ def quantized(tmp_path_factory):
     from transformers import BitsAndBytesConfig
 
     path = tmp_path_factory.mktemp("tiny-llava")
-    tiny_llava(hidden=128, intermediate=256).save_pretrained(path)
+    # Every quantized layer at least 64 wide: the CPU kernels of AVX512-BF16 machines pack 64-blocks.
+    tiny_llava(hidden=128, intermediate=256, vision_hidden=64).save_pretrained(path)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     return vtc.from_pretrained(str(path), quantization_config=config, device_map="cpu")
 

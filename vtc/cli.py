@@ -96,7 +96,7 @@ def cmd_demo(args) -> None:
     print(f"\n{'method':10s} {'entering LLM':>12s} {'equivalent':>10s} {'FLOPs':>8s} {'speedup':>8s}")
     print(f"{'unpatched':10s} {576:12d} {576:10.0f} {'100%':>8s} {'1.00x':>8s}")
     for method, s in rows:
-        print(f"{method:10s} {s.tokens_entering_llm:12d} {s.equivalent_tokens:10.1f} {s.flops_ratio:8.0%} "
+        print(f"{method:10s} {s.tokens_entering_llm:12g} {s.equivalent_tokens:10.1f} {s.flops_ratio:8.0%} "
               f"{times['unpatched'] / times[method]:7.2f}x")
 
 

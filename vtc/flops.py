@@ -40,27 +40,43 @@ def layer_flops(info: ModelInfo, n: int) -> float:
     return 4 * n * d * hc + 4 * n * d * gc + 4 * n * n * hc + 6 * n * d * m
 
 
-def scoring_flops(info: ModelInfo, plan: Plan, text: int, images: int, vision_hidden: int = 0) -> float:
-    """FLOPs the plan's scorers add to a prefill of ``text`` + visual tokens."""
-    total, per_layer = 0.0, plan.tokens_per_layer()
+def _image_sizes(plan_or_info, images: int | list[int]) -> list[int]:
+    """``images``: a number of images of the nominal size, or each image's token count."""
+    return [plan_or_info.image_tokens] * images if isinstance(images, int) else list(images)
+
+
+def visual_per_layer(plan: Plan, images: int | list[int]) -> list[int]:
+    """Visual tokens of all images together at each layer."""
+    sizes = _image_sizes(plan, images)
+    per_image = [plan.tokens_per_layer(n) for n in sizes]
+    return [sum(c) for c in zip(*per_image)] if per_image else [0] * plan.num_layers
+
+
+def scoring_flops(info: ModelInfo, plan: Plan, text: int, images: int | list[int], vision_hidden: int = 0) -> float:
+    """FLOPs the plan's scorers add to a prefill of ``text`` + visual tokens (``images``: a count
+    of images of the plan's size, or each image's token count)."""
+    total, visual = 0.0, visual_per_layer(plan, images)
+    sizes = _image_sizes(plan, images)
     hc, gc, d = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim, info.hidden_size
     for s in plan.stages:
         # Scored at an earlier layer: the projections are that layer's own (patches/decoder.py).
         projected = s.layer is None or s.scorer.layers[0] >= s.layer
         if s.scorer.kind == "query_attention":
-            n = text + images * per_layer[s.scorer.layers[0]]
+            n = text + visual[s.scorer.layers[0]]
             total += 2 * n * hc + (2 * n * d * gc + 2 * d * hc if projected else 0)
         elif s.scorer.kind == "pagerank":
-            n = text + images * per_layer[s.scorer.layers[0]]
+            n = text + visual[s.scorer.layers[0]]
             # one q k^T (kept while it fits in memory), 5 passes of s M, and maybe q and k of every token.
             total += 2 * n * n * hc + 5 * 2 * n * n * info.num_heads + (2 * n * d * (hc + gc) if projected else 0)
         elif s.scorer.kind == "cls_attention":
-            total += images * len(s.scorer.layers) * 2 * (plan.image_tokens + 1) * vision_hidden**2
+            total += len(s.scorer.layers) * sum(2 * (n + 1) * vision_hidden**2 for n in sizes)
     return total
 
 
-def prefill_flops(info: ModelInfo, plan: Plan | None, text: int, images: int, vision_hidden: int = 0) -> float:
-    """Analytic prefill FLOPs of the LLM for one sequence with ``text`` tokens and ``images`` images.
+def prefill_flops(info: ModelInfo, plan: Plan | None, text: int, images: int | list[int],
+                  vision_hidden: int = 0) -> float:
+    """Analytic prefill FLOPs of the LLM for one sequence with ``text`` tokens and ``images``
+    images (a count of images of the model's nominal size, or each image's token count).
 
     With ``plan=None``: the unreduced model.
 
@@ -71,8 +87,8 @@ def prefill_flops(info: ModelInfo, plan: Plan | None, text: int, images: int, vi
         True
     """
     if plan is None:
-        return info.num_layers * layer_flops(info, text + images * info.image_tokens)
-    layers = sum(layer_flops(info, text + images * n) for n in plan.tokens_per_layer())
+        return info.num_layers * layer_flops(info, text + sum(_image_sizes(info, images)))
+    layers = sum(layer_flops(info, text + n) for n in visual_per_layer(plan, images))
     return layers + (scoring_flops(info, plan, text, images, vision_hidden) if images else 0.0)
 
 
@@ -89,9 +105,9 @@ class Stats:
     method: str
     images: int
     text_tokens: int
-    image_tokens: int
-    tokens_entering_llm: int
-    tokens_per_layer: list[int]
+    image_tokens: float
+    tokens_entering_llm: float
+    tokens_per_layer: list[float]
     flops: float
     flops_full: float
     kept: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -109,27 +125,34 @@ class Stats:
     def __str__(self) -> str:
         return (
             f"{self.method}: {self.images} image(s), {self.text_tokens} text tokens; visual tokens/image "
-            f"{self.image_tokens} -> {self.tokens_entering_llm} entering the LLM, "
+            f"{self.image_tokens:g} -> {self.tokens_entering_llm:g} entering the LLM, "
             f"{self.equivalent_tokens:.1f} equivalent; prefill {self.flops / 1e9:.3g} GFLOPs "
             f"({self.flops_ratio:.1%} of {self.flops_full / 1e9:.3g})"
         )
 
 
-def make_stats(info: ModelInfo, plan: Plan, text: int, images: int, kept=None, vision_hidden: int = 0) -> Stats:
-    """The :class:`Stats` of a prefill with ``text`` tokens and ``images`` images under ``plan``."""
-    if images == 0:
-        per_layer = [0] * info.num_layers
-        entering = 0
+def make_stats(info: ModelInfo, plan: Plan, text: int, images: int | list[int], kept=None,
+               vision_hidden: int = 0) -> Stats:
+    """The :class:`Stats` of a prefill with ``text`` tokens and ``images`` images under ``plan``
+    (a count of images of the nominal size, or each image's token count). Token counts are per
+    image: averages when images differ in size."""
+    sizes = _image_sizes(info, images)
+    count = len(sizes)
+    if count == 0:
+        per_layer, entering, size = [0] * info.num_layers, 0, info.image_tokens
     else:
-        per_layer, entering = plan.tokens_per_layer(), plan.tokens_entering_llm
+        per_layer = [v / count for v in visual_per_layer(plan, sizes)]
+        entering, size = per_layer[0], sum(sizes) / count
+        if all(n == sizes[0] for n in sizes):
+            per_layer, entering, size = [round(v) for v in per_layer], round(entering), sizes[0]
     return Stats(
         plan.method,
-        images,
+        count,
         text,
-        info.image_tokens,
+        size,
         entering,
         per_layer,
-        prefill_flops(info, plan, text, images, vision_hidden),
-        prefill_flops(info, None, text, images),
+        prefill_flops(info, plan, text, sizes, vision_hidden),
+        prefill_flops(info, None, text, sizes),
         kept if kept is not None else {},  # layer stages fill it in as the prefill runs
     )

@@ -171,10 +171,34 @@ class Plan:
         """Visual tokens per image that enter the LLM (after the vision stages)."""
         return self.vision_stages[-1].keep if self.vision_stages else self.image_tokens
 
-    def tokens_per_layer(self) -> list[int]:
-        """Visual tokens per image that each decoder layer processes at prefill."""
-        counts, n = [], self.tokens_entering_llm
-        by_layer = {s.layer: s.keep for s in self.layer_stages}
+    def keeps_for(self, n: int) -> list[int]:
+        """Each stage's keep count for an image of ``n`` tokens.
+
+        The plan is made for images of ``image_tokens``; an image of another size (a tiled
+        high-resolution image with fewer tiles) keeps the same fraction at every stage.
+
+        Example:
+            >>> p = Plan("x", (Stage("layer:2", Scorer("query_attention", (1,)), 288),), 576, 32)
+            >>> p.keeps_for(576), p.keeps_for(100)
+            ([288], [50])
+        """
+        if n == self.image_tokens:
+            return [s.keep for s in self.stages]
+        keeps, last = [], n
+        for s in self.stages:
+            least = 1 if s.layer is None else 0
+            last = min(last, max(least, round(s.keep * n / self.image_tokens)))
+            keeps.append(last)
+        return keeps
+
+    def tokens_per_layer(self, n: int | None = None) -> list[int]:
+        """Visual tokens per image that each decoder layer processes at prefill, for an image of
+        ``n`` tokens (default ``image_tokens``)."""
+        n = self.image_tokens if n is None else n
+        keeps = self.keeps_for(n)
+        vision = [k for s, k in zip(self.stages, keeps) if s.layer is None]
+        by_layer = {s.layer: k for s, k in zip(self.stages, keeps) if s.layer is not None}
+        counts, n = [], vision[-1] if vision else n
         for layer in range(self.num_layers):
             n = by_layer.get(layer, n)
             counts.append(n)

@@ -6,6 +6,8 @@ Pure dispatch from a :class:`~vtc.plan.Stage`'s reducer to the operators in
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import ops
@@ -13,10 +15,14 @@ from .plan import Stage
 
 
 def reduce_vision(
-    stage: Stage, feats: torch.Tensor, scores: torch.Tensor | None, metric: torch.Tensor | None
+    stage: Stage, feats: torch.Tensor, scores: torch.Tensor | None, metric: torch.Tensor | None,
+    protected: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply ``stage`` to ``feats`` ``[I, n, D]``; returns the reduced features and, for each,
     its position among the ``n`` inputs (``[I, k]``, ascending).
+
+    ``protected`` (bool ``[n]``, fewer than ``stage.keep`` set) marks tokens kept as they are
+    (LLaVA-NeXT's row ends); the stage reduces the others to the rest of the budget.
 
     Example:
         >>> from vtc.plan import Scorer, Stage
@@ -25,6 +31,16 @@ def reduce_vision(
         tensor([[ 5,  7, 13, 15],
                 [ 5,  7, 13, 15]])
     """
+    if protected is not None and bool(protected.any()):
+        fixed, free = protected.nonzero()[:, 0], (~protected).nonzero()[:, 0]
+        inner = dataclasses.replace(stage, keep=stage.keep - fixed.numel(),
+                                    options=_shrink(stage.options, stage.keep - fixed.numel()))
+        scores, metric = (None if t is None else t[:, free] for t in (scores, metric))
+        reduced, local = reduce_vision(inner, feats[:, free], scores, metric)
+        index = torch.cat([fixed.expand(feats.shape[0], -1), free[local]], dim=1)
+        index, order = index.sort(dim=1)
+        both = torch.cat([feats[:, fixed], reduced], dim=1)
+        return ops.gather_tokens(both, order), index
     if stage.reducer == "topk":
         keep = ops.topk_keep(scores, stage.keep)
         return ops.gather_tokens(feats, keep), keep
@@ -37,3 +53,8 @@ def reduce_vision(
         return ops.dominant_and_context(feats, scores, metric if metric is not None else feats, dominant,
                                         stage.keep - dominant)
     raise ValueError(f"unknown reducer {stage.reducer!r}")
+
+
+def _shrink(options: tuple, keep: int) -> tuple:
+    """A reducer's options for a smaller budget (VisionZip's dominant count cannot exceed it)."""
+    return tuple((k, min(v, max(keep - 1, 1))) if k == "dominant" else (k, v) for k, v in options)

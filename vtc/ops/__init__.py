@@ -16,7 +16,7 @@ Example:
 from .attention import apply_rope, attention_pagerank, cls_attention, query_attention, rotate_half
 from .merge import bipartite_soft_matching, merge_weighted
 from .reduce import dominant_and_context, merge_to, pool_grid
-from .select import gather_tokens, topk_keep
+from .select import gather_tokens, left_pad, topk_keep
 
 __all__ = [
     "apply_rope",
@@ -25,6 +25,7 @@ __all__ = [
     "cls_attention",
     "dominant_and_context",
     "gather_tokens",
+    "left_pad",
     "merge_to",
     "merge_weighted",
     "pool_grid",

@@ -42,3 +42,22 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.T
     shape = [index.shape[0]] + [1] * (dim - 1) + [index.shape[1]] + [1] * (x.dim() - dim - 1)
     idx = index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1 :])
     return x.gather(dim, idx)
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-sample index lists of different lengths into ``[B, M]``, left-padded.
+
+    A padding slot repeats the sample's first index (so gathering with it stays in range);
+    the returned mask ``[B, M]`` is True there.
+
+    Example:
+        >>> left_pad([torch.tensor([0, 2, 5]), torch.tensor([1, 4])])
+        (tensor([[0, 2, 5],
+                [1, 1, 4]]), tensor([[False, False, False],
+                [ True, False, False]]))
+    """
+    width = max(r.numel() for r in rows)
+    out = torch.stack([torch.cat([r[:1].expand(width - r.numel()), r]) for r in rows])
+    pad = torch.arange(width, device=out.device)[None] < torch.tensor([width - r.numel() for r in rows],
+                                                                       device=out.device)[:, None]
+    return out, pad

@@ -30,12 +30,13 @@ from vtc import ops
 from vtc.errors import UnsupportedConfigurationError, VtcError
 from vtc.flops import Stats, make_stats
 from vtc.plan import ModelInfo, Plan, Stage
-from vtc.reduce import reduce_vision
+from vtc.reduce import reduce_vision, resized
 
 from .decoder import LayerStages, SequenceState
 
 _MISSING = object()
-SIGNALS_ATTR = "vtc_signals"  # set on the vision output: {id(feature tensor): {"cls": [N], "keysL": [N, C]}}
+# Set on the vision output: per pooler_output entry, {"cls": [N], "keys<L>": [N, C], layout...}.
+SIGNALS_ATTR = "vtc_signals"
 
 
 class Adapter:
@@ -198,12 +199,16 @@ class Installation:
                 f"changed the interface vtc wraps; install a supported version (vtc.MIN_TRANSFORMERS)"
             )
 
+        variadic = [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+
         @functools.wraps(original)
         def forward(*args, **kwargs):
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             self._before_forward(bound.arguments)
-            return original(*bound.args, **bound.kwargs)
+            # Everything by name: decorators of the forward fill in config defaults by name.
+            named = {k: v for k, v in bound.arguments.items() if k not in variadic}
+            return original(**named, **{k: v for name in variadic for k, v in bound.arguments[name].items()})
 
         return forward
 
@@ -301,7 +306,7 @@ class Installation:
             )
         feats = torch.cat([e.reshape(-1, e.shape[-1]) for e in entries]).split(lengths)
         captured = getattr(out, SIGNALS_ATTR, None) or {}
-        per_entry = [captured.get(_key(e)) for e in entries]
+        per_entry = [_lookup(captured, e) for e in entries]
         if self.needs_tower and any(sig is None for sig in per_entry):
             raise VtcError(
                 "this method reads the vision tower's attention while it runs: pass pixel_values (not "
@@ -339,8 +344,7 @@ class Installation:
             feats = torch.stack([im.feats for im in ims])
             scores, metric = self._vision_signals(stage, ims)
             protected = ims[0].protected[ims[0].index] if len(ims) == 1 and ims[0].protected is not None else None
-            reduced, local = reduce_vision(dataclasses.replace(stage, keep=ims[0].keeps[i]), feats, scores, metric,
-                                           protected)
+            reduced, local = reduce_vision(resized(stage, ims[0].keeps[i]), feats, scores, metric, protected)
             for j, im in enumerate(ims):
                 im.feats, im.index = reduced[j], im.index[local[j]]
         return [im.index for im in images]
@@ -440,7 +444,9 @@ class Installation:
             per_entry = [{k: v[i] for k, v in signals.items()} for i in range(len(entries))]
             for sig, extra in zip(per_entry, layout or ()):
                 sig.update(extra)
-            setattr(out, SIGNALS_ATTR, {_key(e): sig for e, sig in zip(entries, per_entry)})
+            record = {_key(e): sig for e, sig in zip(entries, per_entry)}
+            record["entries"] = list(zip(entries, per_entry))
+            setattr(out, SIGNALS_ATTR, record)
             self._captured.clear()
             return out
 
@@ -448,9 +454,19 @@ class Installation:
 
 
 def _key(entry: torch.Tensor) -> tuple:
-    """Identifies a ``pooler_output`` entry: ``generate`` may repeat entries (beams, several
-    sequences per prompt), and an entry of a batched tensor is a new view at each access."""
+    """Identifies a ``pooler_output`` entry: an entry of a batched tensor is a new view at each
+    access."""
     return entry.data_ptr(), tuple(entry.shape)
+
+
+def _lookup(captured: dict, entry: torch.Tensor) -> dict | None:
+    """The signals recorded for ``entry``. ``generate`` may repeat entries for beams or several
+    sequences per prompt: a list repeats the same tensors, a batched tensor is copied, and a
+    copy is found by its content (equal features come from equal images, so equal signals)."""
+    if _key(entry) in captured:
+        return captured[_key(entry)]
+    return next((sig for e, sig in captured.get("entries", ()) if e.shape == entry.shape and torch.equal(e, entry)),
+                None)
 
 
 @dataclasses.dataclass

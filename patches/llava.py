@@ -83,8 +83,7 @@ class LlavaAdapter(Adapter):
             vision_feature_layer=a.get("vision_feature_layer"),
             vision_feature_select_strategy=a.get("vision_feature_select_strategy"),
             image_sizes=a.get("image_sizes"),
-            return_dict=True,
-            **a.get("kwargs", {}),
+            **{**a.get("kwargs", {}), "return_dict": True},
         )
 
     def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:

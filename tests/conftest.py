@@ -6,12 +6,15 @@ import pytest
 import torch
 
 import vtc
-from vtc.testing import tiny_inputs, tiny_llava
+from vtc.testing import tiny_inputs, tiny_model
 
 torch.set_num_threads(1)
 
-# (attention implementation, language model): both attention paths, and a Qwen2 LM (biased q/k/v).
+# (attention implementation, language model[, family]): both attention paths, a Qwen2 LM
+# (biased q/k/v), and the tiled families, whose images differ in size within a batch.
 BACKENDS = [("sdpa", "llama"), ("eager", "llama"), ("sdpa", "qwen2")]
+FAMILIES = [("sdpa", "llama", "llava_next"), ("sdpa", "qwen2", "internvl"), ("eager", "llama", "internvl")]
+TILED = ("llava_next", "internvl")
 # Cases of the shared matrix: (method, parameters) at budgets that reduce tokens on the tiny
 # model (16 tokens per image, 6 layers), plus position-policy variants.
 METHODS = {
@@ -42,17 +45,44 @@ def method_cases() -> list[str]:
     return sorted(METHODS)
 
 
+def case_args(model, case: str) -> tuple:
+    """``(method, params)`` of a case for ``model``. The cases count tokens of the 16-token
+    LLaVA images; on a tiled family (images of 32 to 88 tokens, a nominal image larger still)
+    counts become the same fractions of each image."""
+    method, params = METHODS[case]
+    if model.config.model_type not in TILED:
+        return method, params
+    if "pool" in (method if isinstance(method, list) else method.split("+")):
+        pytest.skip("pool needs a square token grid; tiled families refuse it (tests/test_errors.py)")
+    n = 16  # tokens of a tiny LLaVA image
+    params = {k: v / n if k in ("budget", "keep", "merged") and isinstance(v, int) else v for k, v in params.items()}
+    if "counts" in params.get("schedule", {}):
+        params["schedule"] = {"fractions": [c / n for c in params["schedule"]["counts"]]}
+    return method, params
+
+
+def case_kwargs(model, case: str) -> dict:
+    """The case as keyword arguments of ``vtc.apply``, ``vtc.compressed`` and ``vtc.plan``."""
+    method, params = case_args(model, case)
+    return {"method": method, **params}
+
+
 @functools.cache
-def _model(attn: str, text_model: str = "llama"):
-    return tiny_llava(attn=attn, text_model=text_model)
+def _model(attn: str, text_model: str = "llama", family: str = "llava"):
+    return tiny_model(family, attn=attn, text_model=text_model)
 
 
-@pytest.fixture(params=BACKENDS, ids=lambda b: "-".join(b))
-def model(request):
+def use_model(request):
     m = _model(*request.param)
     yield m
     if vtc.is_applied(m):
         vtc.remove(m)
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda b: "-".join(b))
+def model(request):
+    """A tiny LLaVA on each backend (tests/test_equivalence.py adds the other families)."""
+    yield from use_model(request)
 
 
 @pytest.fixture

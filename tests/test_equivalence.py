@@ -6,21 +6,29 @@ import pytest
 import torch
 
 import vtc
-from vtc.testing import tiny_inputs
+from vtc.registry import get_adapter
+from vtc.testing import join_inputs, split_inputs, tiny_inputs
 
-from .conftest import METHODS, greedy, method_cases
+from .conftest import BACKENDS, FAMILIES, case_args, case_kwargs, greedy, method_cases, use_model
 from .reference import reference_logits, survivors
 
 CASES = method_cases()
 
 
+@pytest.fixture(params=BACKENDS + FAMILIES, ids=lambda b: "-".join(b))
+def model(request):
+    """The matrix runs on every backend and every model family."""
+    yield from use_model(request)
+
+
 def full_budget(model) -> int:
-    return model.config.image_seq_length
+    """The plan's image size: every image, whatever its size, keeps all of its tokens."""
+    return get_adapter(model).info().image_tokens
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in ("schedule", "gsearch")])  # no budget
 def test_full_budget_is_identity(model, inputs, case):
-    method, params = METHODS[case]
+    method, params = case_args(model, case)
     params = {k: v for k, v in params.items() if k not in ("budget", "keep", "ratio", "merged", "slope")}
     with torch.no_grad():
         ref_logits = model(**inputs).logits
@@ -29,7 +37,7 @@ def test_full_budget_is_identity(model, inputs, case):
         with torch.no_grad():
             logits = model(**inputs).logits
         tokens, _ = greedy(model, inputs)
-        assert vtc.stats(model).equivalent_tokens == full_budget(model)
+        assert vtc.stats(model).equivalent_tokens == vtc.stats(model).image_tokens
         assert vtc.stats(model).flops_ratio == 1.0  # skipped stages cost no scoring
     assert torch.equal(logits, ref_logits)
     assert torch.equal(tokens, ref_tokens)
@@ -44,7 +52,7 @@ def llm_inputs(model):
 
 
 def _check_against_reference(model, inputs, case, position_ids=None):
-    method, params = METHODS[case]
+    method, params = case_args(model, case)
     vtc.apply(model, method, **params)
     seen, handle = llm_inputs(model)
     try:
@@ -69,7 +77,7 @@ def _check_against_reference(model, inputs, case, position_ids=None):
 @pytest.mark.parametrize("case", CASES)
 def test_drop_equals_mask(model, inputs, case):
     stats = _check_against_reference(model, inputs, case)
-    assert stats.equivalent_tokens < model.config.image_seq_length
+    assert stats.equivalent_tokens < stats.image_tokens
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -84,7 +92,7 @@ def test_drop_equals_mask_two_images_padded(model, case):
 @pytest.mark.parametrize("case", CASES)
 def test_cached_generation_equals_recomputation(model, case):
     inputs = tiny_inputs(model, batch=2, pad=[2, 0], seed=2)
-    vtc.apply(model, METHODS[case][0], **METHODS[case][1])
+    vtc.apply(model, **case_kwargs(model, case))
     seen, handle = llm_inputs(model)
     try:
         tokens, step_logits = greedy(model, inputs, steps=4)
@@ -98,14 +106,15 @@ def test_cached_generation_equals_recomputation(model, case):
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :t])], dim=1)
         pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
         ref, _ = reference_logits(model, ids, mask, inputs["pixel_values"], stages, position_ids=pos,
-                                  vision_embeds=seen[0], prompt=inputs["input_ids"].shape[1])
+                                  vision_embeds=seen[0], prompt=inputs["input_ids"].shape[1],
+                                  **{k: v for k, v in inputs.items() if k == "image_sizes"})
         torch.testing.assert_close(step_logits[:, t], ref[:, -1], atol=1e-4, rtol=1e-4)
         assert torch.equal(ref[:, -1].argmax(-1), tokens[:, t])
 
 
 def batch_equals_single_samples(model, batch, singles, case):
     """Greedy generation on a padded batch gives each sample what it gives alone."""
-    vtc.apply(model, METHODS[case][0], **METHODS[case][1])
+    vtc.apply(model, **case_kwargs(model, case))
     try:
         tokens, logits = greedy(model, batch)
         for b, alone in enumerate(singles):
@@ -116,17 +125,10 @@ def batch_equals_single_samples(model, batch, singles, case):
         vtc.remove(model)
 
 
-def unpadded(batch, b, pixels):
-    real = batch["attention_mask"][b].bool()
-    return {"input_ids": batch["input_ids"][b: b + 1, real], "attention_mask": batch["attention_mask"][b: b + 1, real],
-            "pixel_values": pixels}
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_padded_batch_equals_single_samples(model, case):
     batch = tiny_inputs(model, batch=2, pad=[3, 0], seed=4)
-    singles = [unpadded(batch, b, batch["pixel_values"][b: b + 1]) for b in range(2)]
-    batch_equals_single_samples(model, batch, singles, case)
+    batch_equals_single_samples(model, batch, split_inputs(model, batch), case)
 
 
 @pytest.mark.parametrize("text", [12, 28], ids=["padded", "unpadded"])
@@ -135,10 +137,7 @@ def test_batch_of_samples_with_different_image_counts(model, case, text):
     # The samples keep different numbers of rows: the shorter is padded at every stage. With
     # 28 text tokens the prompts are equally long: there is no padding, and no mask, to start from.
     one, two = tiny_inputs(model, images=1, text=text, seed=6), tiny_inputs(model, images=2, seed=7)
-    pad = two["input_ids"].shape[1] - one["input_ids"].shape[1]
-    batch = {k: torch.cat([torch.cat([torch.zeros(1, pad, dtype=torch.long), one[k]], 1), two[k]])
-             for k in ("input_ids", "attention_mask")}
-    batch["pixel_values"] = torch.cat([one["pixel_values"], two["pixel_values"]])
+    batch = join_inputs([one, two])
     batch_equals_single_samples(model, batch, [one, two], case)
 
 
@@ -147,7 +146,7 @@ def test_prompt_without_image_is_unchanged(model, case):
     ids = torch.randint(3, model.config.image_token_id, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-        with vtc.compressed(model, METHODS[case][0], **METHODS[case][1]):
+        with vtc.compressed(model, **case_kwargs(model, case)):
             out = model(input_ids=ids).logits
             assert vtc.stats(model).images == 0
     assert torch.equal(out, ref)
@@ -160,7 +159,7 @@ def test_remove_restores_exactly(model, inputs, case):
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
     with torch.no_grad():
         before = model(**inputs).logits
-    vtc.apply(model, METHODS[case][0], **METHODS[case][1])
+    vtc.apply(model, **case_kwargs(model, case))
     with torch.no_grad():
         reduced = model(**inputs).logits
     vtc.remove(model)
@@ -186,10 +185,10 @@ def test_apply_twice_is_refused(model):
 @pytest.mark.parametrize("case", ["fastv", "vtc_cls"])
 def test_beam_search_and_several_returns(model, case):
     inputs = tiny_inputs(model, batch=2, pad=[0, 2], seed=5)
-    with vtc.compressed(model, METHODS[case][0], **METHODS[case][1]):
+    with vtc.compressed(model, **case_kwargs(model, case)):
         out = model.generate(**inputs, max_new_tokens=3, num_beams=3, num_return_sequences=2, do_sample=False,
                              pad_token_id=0)
-        assert vtc.stats(model).equivalent_tokens < model.config.image_seq_length
+        assert vtc.stats(model).equivalent_tokens < vtc.stats(model).image_tokens
     assert out.shape == (4, inputs["input_ids"].shape[1] + 3)
 
 
@@ -208,7 +207,7 @@ def test_vision_tower_runs_once_per_prefill(model, inputs, case):
     calls = []
     handle = model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
     try:
-        with vtc.compressed(model, METHODS[case][0], **METHODS[case][1]):
+        with vtc.compressed(model, **case_kwargs(model, case)):
             with torch.no_grad():
                 model(**inputs)
             assert len(calls) == 1
@@ -222,12 +221,12 @@ def test_vision_tower_runs_once_per_prefill(model, inputs, case):
 def test_scoring_at_an_earlier_layer_reuses_its_projections(model, inputs, case):
     # FastV and AIM score a stage with the previous layer's attention: its own q/k projections
     # are captured, not computed a second time.
-    stage = vtc.plan(model, METHODS[case][0], **METHODS[case][1]).layer_stages[-1]
+    stage = vtc.plan(model, **case_kwargs(model, case)).layer_stages[-1]
     k_proj = model.model.language_model.layers[stage.scorer.layers[0]].self_attn.k_proj
     calls = []
     handle = k_proj.register_forward_hook(lambda *_: calls.append(1))
     try:
-        with vtc.compressed(model, METHODS[case][0], **METHODS[case][1]), torch.no_grad():
+        with vtc.compressed(model, **case_kwargs(model, case)), torch.no_grad():
             model(**inputs)
     finally:
         handle.remove()

@@ -37,6 +37,9 @@ class ModelInfo:
     num_heads: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
+    # Images are tiled (LLaVA-NeXT, InternVL): ``image_tokens`` is the largest image's count,
+    # and an image's tokens are not one square grid.
+    tiled: bool = False
 
 
 @dataclass(frozen=True)

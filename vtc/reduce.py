@@ -33,8 +33,7 @@ def reduce_vision(
     """
     if protected is not None and bool(protected.any()):
         fixed, free = protected.nonzero()[:, 0], (~protected).nonzero()[:, 0]
-        inner = dataclasses.replace(stage, keep=stage.keep - fixed.numel(),
-                                    options=_shrink(stage.options, stage.keep - fixed.numel()))
+        inner = resized(stage, stage.keep - fixed.numel())
         scores, metric = (None if t is None else t[:, free] for t in (scores, metric))
         reduced, local = reduce_vision(inner, feats[:, free], scores, metric)
         index = torch.cat([fixed.expand(feats.shape[0], -1), free[local]], dim=1)
@@ -55,6 +54,19 @@ def reduce_vision(
     raise ValueError(f"unknown reducer {stage.reducer!r}")
 
 
-def _shrink(options: tuple, keep: int) -> tuple:
-    """A reducer's options for a smaller budget (VisionZip's dominant count cannot exceed it)."""
-    return tuple((k, min(v, max(keep - 1, 1))) if k == "dominant" else (k, v) for k, v in options)
+def resized(stage: Stage, keep: int) -> Stage:
+    """``stage`` keeping ``keep`` tokens instead, its counts scaled alike (an image smaller than the
+    plan's, or a budget shared with protected tokens).
+
+    Example:
+        >>> from vtc.plan import Scorer
+        >>> s = Stage("vision", Scorer("cls_attention", (22,)), 64, reducer="dominant+context",
+        ...           options=(("dominant", 54),))
+        >>> resized(s, 32).options
+        (('dominant', 27),)
+    """
+    if keep == stage.keep:
+        return stage
+    options = tuple((k, min(max(1, round(v * keep / stage.keep)), max(keep - 1, 1))) if k == "dominant" else (k, v)
+                    for k, v in stage.options)
+    return dataclasses.replace(stage, keep=keep, options=options)

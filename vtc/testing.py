@@ -58,6 +58,82 @@ def tiny_llava(
     return model
 
 
+# Image layouts tiny_inputs takes turns with, per tiled family (tiles of the tiny models).
+LAYOUTS = {"llava_next": [(56, 112), (112, 112), (112, 56)], "internvl": [3, 5, 2]}
+
+
+def tiny_model(family: str = "llava", **kwargs):
+    """A tiny random model of ``family`` (``llava``, ``llava_next``, ``internvl``).
+
+    Example:
+        >>> type(tiny_model("internvl", layers=1, vision_layers=1)).__name__
+        'InternVLForConditionalGeneration'
+    """
+    builders = {"llava": tiny_llava, "llava_next": tiny_llava_next, "internvl": tiny_internvl}
+    if family == "internvl":
+        kwargs.setdefault("text_model", "qwen2")
+    return builders[family](**kwargs)
+
+
+def _image_runs(row: torch.Tensor, token: int) -> list[int]:
+    at = (row == token).nonzero()[:, 0]
+    if not at.numel():
+        return []
+    breaks = [0, *((at[1:] != at[:-1] + 1).nonzero()[:, 0] + 1).tolist(), at.numel()]
+    return [b - a for a, b in zip(breaks[:-1], breaks[1:])]
+
+
+def split_inputs(model, inputs: dict) -> list[dict]:
+    """Each sample of a batch made by :func:`tiny_inputs` or :func:`tiled_inputs` on its own, unpadded.
+
+    Example:
+        >>> m = tiny_llava(layers=1, vision_layers=1)
+        >>> [s["input_ids"].shape for s in split_inputs(m, tiny_inputs(m, batch=2, pad=[0, 2]))]
+        [torch.Size([1, 30]), torch.Size([1, 28])]
+    """
+    cfg = model.config
+    token = cfg.image_token_id
+    runs = [_image_runs(row, token) for row in inputs["input_ids"]]
+    # How many entries of pixel_values each image takes: one, or (InternVL) one per tile.
+    per_image = [[n // cfg.image_seq_length if cfg.model_type == "internvl" else 1 for n in r] for r in runs]
+    out, start = [], 0
+    for b, sizes in enumerate(per_image):
+        real = inputs["attention_mask"][b].bool()
+        sample = {"input_ids": inputs["input_ids"][b: b + 1, real],
+                  "attention_mask": inputs["attention_mask"][b: b + 1, real],
+                  "pixel_values": inputs["pixel_values"][start: start + sum(sizes)]}
+        if "image_sizes" in inputs:
+            sample["image_sizes"] = inputs["image_sizes"][start: start + sum(sizes)]
+        start += sum(sizes)
+        out.append(sample)
+    return out
+
+
+def join_inputs(samples: list[dict]) -> dict:
+    """Batch single samples, left-padding the prompts (and LLaVA-NeXT's tile axis).
+
+    Example:
+        >>> m = tiny_llava(layers=1, vision_layers=1)
+        >>> join_inputs([tiny_inputs(m, text=4), tiny_inputs(m, text=9)])["attention_mask"].sum(1)
+        tensor([20, 25])
+    """
+    width = max(s["input_ids"].shape[1] for s in samples)
+
+    def left(x, value=0):
+        return torch.cat([x.new_full((1, width - x.shape[1]), value), x], dim=1)
+
+    out = {"input_ids": torch.cat([left(s["input_ids"]) for s in samples]),
+           "attention_mask": torch.cat([left(s["attention_mask"]) for s in samples])}
+    pixels = [s["pixel_values"] for s in samples]
+    if pixels[0].dim() == 5:  # LLaVA-NeXT: [images, tiles, 3, H, W]
+        tiles = max(p.shape[1] for p in pixels)
+        pixels = [torch.cat([p, p.new_zeros(p.shape[0], tiles - p.shape[1], *p.shape[2:])], 1) for p in pixels]
+    out["pixel_values"] = torch.cat(pixels)
+    if "image_sizes" in samples[0]:
+        out["image_sizes"] = torch.cat([s["image_sizes"] for s in samples])
+    return out
+
+
 def tiny_inputs(
     model,
     *,
@@ -70,8 +146,14 @@ def tiny_inputs(
     """Random prompts with ``images`` image runs each, left-padded by ``pad[b]`` tokens.
 
     Returns ``input_ids``, ``attention_mask`` and ``pixel_values`` (``[batch * images, 3, H, W]``).
+    For a tiled family (LLaVA-NeXT, InternVL) the images take turns among three layouts of
+    different aspect ratios or tile counts (see :data:`LAYOUTS`), through :func:`tiled_inputs`.
     """
     cfg = model.config
+    if cfg.model_type in LAYOUTS:
+        options = LAYOUTS[cfg.model_type]
+        layout = [[options[(b + i) % len(options)] for i in range(images)] for b in range(batch)]
+        return tiled_inputs(model, images=layout, text=text, pad=pad, seed=seed)
     n = cfg.image_seq_length
     size = cfg.vision_config.image_size
     gen = torch.Generator().manual_seed(seed)

@@ -124,10 +124,17 @@ def cls_attention(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """
     bsz, n, _ = hidden_states.shape
     hd = attn.head_dim
-    q = attn.q_proj(hidden_states[:, :1]).view(bsz, 1, -1, hd).transpose(1, 2)
-    k = attn.k_proj(hidden_states).view(bsz, n, -1, hd).transpose(1, 2)
-    if getattr(attn, "q_norm", None) is not None and not isinstance(attn.q_norm, nn.Identity):
-        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = attn.q_proj(hidden_states[:, :1]), attn.k_proj(hidden_states)
+    norm = getattr(attn, "q_norm", None)
+    norm = None if isinstance(norm, nn.Identity) else norm
+    # InternVL normalizes q and k over all heads together, other towers per head.
+    whole = norm is not None and getattr(norm, "weight", None) is not None and norm.weight.shape[-1] == q.shape[-1]
+    if whole:
+        q, k = norm(q), attn.k_norm(k)
+    q = q.view(bsz, 1, -1, hd).transpose(1, 2)
+    k = k.view(bsz, n, -1, hd).transpose(1, 2)
+    if norm is not None and not whole:
+        q, k = norm(q), attn.k_norm(k)
     scale = getattr(attn, "scale", None) or getattr(attn, "scaling", hd**-0.5)
     logits = torch.matmul(q, k.transpose(-1, -2)).squeeze(2) * scale  # [B, H, N]
     return _mean_head_softmax(logits, None)

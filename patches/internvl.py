@@ -1,0 +1,117 @@
+"""Adapter for InternVL 2/2.5/3 in the Hugging Face format (``InternVLForConditionalGeneration``):
+an InternViT tower with a [CLS] token, 448px tiles (the thumbnail last), and a 2x2 pixel
+shuffle that turns each tile's 32x32 patches into 256 tokens.
+
+The model only sees a flat batch of tiles; an image is a run of placeholders in the prompt
+(``<img>`` + 256 per tile + ``</img>``), so images are found from the runs. What vtc reads
+per tower patch ([CLS] attention, keys) is pushed through the model's own ``pixel_shuffle``,
+then averaged over the four patches of each token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtc.plan import ModelInfo
+from vtc.registry import register_adapter
+
+from .base import Adapter
+from .llava import feature_layer_index
+
+
+def placeholder_runs(image_mask: torch.Tensor) -> list[int]:
+    """Lengths of the runs of consecutive placeholders, sample by sample.
+
+    Example:
+        >>> placeholder_runs(torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 0, 0]]).bool())
+        [2, 1, 3]
+    """
+    runs = []
+    for row in image_mask:
+        at = row.nonzero()[:, 0]
+        if at.numel():
+            breaks = (at[1:] != at[:-1] + 1).nonzero()[:, 0] + 1
+            edges = [0, *breaks.tolist(), at.numel()]
+            runs += [b - a for a, b in zip(edges[:-1], edges[1:])]
+    return runs
+
+
+@register_adapter
+class InternVLAdapter(Adapter):
+    """InternVL family: per image, tiles of ``image_seq_length`` tokens (thumbnail last)."""
+
+    family = "internvl"
+    class_names = ("InternVLForConditionalGeneration",)
+    model_types = ("internvl",)
+    # The processor's default upper bound on tiles per image, thumbnail excluded: the plan's
+    # image is the largest one (13 tiles); smaller ones keep the same fractions.
+    max_tiles = 12
+
+    def base(self):
+        return self.model.model
+
+    def _tower(self):
+        return self.model.model.vision_tower
+
+    def decoder_layers(self):
+        return self.model.model.language_model.layers
+
+    def rotary(self):
+        return self.model.model.language_model.rotary_emb
+
+    def vision_attention(self, layer: int):
+        return self._tower().encoder.layer[layer].attention
+
+    def info(self) -> ModelInfo:
+        cfg, tcfg, vcfg = self.model.config, self.model.config.text_config, self.model.config.vision_config
+        layer = cfg.vision_feature_layer
+        if not isinstance(layer, int):
+            layer = max(layer, key=lambda i: i % (vcfg.num_hidden_layers + 1))
+        return ModelInfo(
+            family=self.family,
+            image_tokens=cfg.image_seq_length * (self.max_tiles + 1),
+            num_layers=tcfg.num_hidden_layers,
+            vision_layers=vcfg.num_hidden_layers,
+            vision_feature_layer=feature_layer_index(layer, vcfg.num_hidden_layers),
+            has_cls=True,
+            hidden_size=tcfg.hidden_size,
+            intermediate_size=tcfg.intermediate_size,
+            num_heads=tcfg.num_attention_heads,
+            num_kv_heads=getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads,
+            head_dim=getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads,
+            tiled=True,
+        )
+
+    def vision_hidden_size(self) -> int:
+        return self.model.config.vision_config.hidden_size
+
+    def encode_images(self, a: dict):
+        # The same call InternVLModel.forward makes when it is given pixel_values.
+        return self.base().get_image_features(
+            pixel_values=a["pixel_values"],
+            vision_feature_layer=a.get("vision_feature_layer"),
+            vision_feature_select_strategy=a.get("vision_feature_select_strategy"),
+            **{**a.get("kwargs", {}), "return_dict": True},
+        )
+
+    def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
+        cfg = self.model.config
+        strategy = arguments.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
+        tokens = per_token[:, 1:] if strategy == "default" else per_token
+        scalar = tokens.dim() == 2
+        if scalar:
+            tokens = tokens[..., None]
+        tiles, patches, channels = tokens.shape
+        side = int(patches**0.5)
+        shuffled = self.base().pixel_shuffle(tokens.reshape(tiles, side, side, channels),
+                                             scale_factor=cfg.downsample_ratio)
+        # Each token concatenates the channels of its patches: average over those patches.
+        per_token_out = shuffled.reshape(tiles, -1, shuffled.shape[-1] // channels, channels).mean(dim=2)
+        return list(per_token_out[..., 0] if scalar else per_token_out)
+
+    def image_lengths(self, entries: list[torch.Tensor], image_mask: torch.Tensor) -> list[int]:
+        # Entries are tiles; an image is a run of placeholders.
+        return placeholder_runs(image_mask)
+
+    def pooler_output(self, feats: list[torch.Tensor]):
+        return torch.cat(feats)[None]

@@ -35,7 +35,7 @@ from vtc.reduce import reduce_vision, resized
 from .decoder import LayerStages, SequenceState
 
 _MISSING = object()
-# Set on the vision output: per pooler_output entry, {"cls": [N], "keys<L>": [N, C], layout...}.
+# Set on the vision output: per pooler_output entry, {"cls(<layers>)": [N], "keys<L>": [N, C], layout...}.
 SIGNALS_ATTR = "vtc_signals"
 
 
@@ -149,8 +149,10 @@ class Installation:
             state=lambda: self._seq, decoding=lambda: self._step,
             flash="flash" in adapter.attention_implementation(),
         )
-        self.cls_layers = sorted({i for s in self.vision_stages if s.scorer.kind == "cls_attention"
-                                  for i in s.scorer.layers})
+        # Each set of vision layers whose [CLS] attention a stage reads (as its scores or metric).
+        self.cls_sets = sorted({t.layers for s in self.vision_stages for t in (s.scorer, s.metric)
+                                if t is not None and t.kind == "cls_attention"})
+        self.cls_layers = sorted({i for layers in self.cls_sets for i in layers})
         self.key_layers = sorted({s.metric.layers[0] for s in self.vision_stages
                                   if s.metric is not None and s.metric.kind == "keys"})
         self.needs_tower = bool(self.cls_layers or self.key_layers)
@@ -342,9 +344,9 @@ class Installation:
         for members in groups.values():
             ims = [images[g] for g in members]
             feats = torch.stack([im.feats for im in ims])
-            scores, metric = self._vision_signals(stage, ims)
+            scores, metric, layout = self._vision_signals(stage, ims)
             protected = ims[0].protected[ims[0].index] if len(ims) == 1 and ims[0].protected is not None else None
-            reduced, local = reduce_vision(resized(stage, ims[0].keeps[i]), feats, scores, metric, protected)
+            reduced, local = reduce_vision(resized(stage, ims[0].keeps[i]), feats, scores, metric, protected, layout)
             for j, im in enumerate(ims):
                 im.feats, im.index = reduced[j], im.index[local[j]]
         return [im.index for im in images]
@@ -373,8 +375,8 @@ class Installation:
             a["inputs_embeds"] = ops.gather_tokens(a["inputs_embeds"], rows)
 
     def _vision_signals(self, stage: Stage, images: list[Image]):
-        """Scores ``[I, n]`` and merge metric ``[I, n, C]`` of a vision stage for images of one size,
-        at the tokens each still holds."""
+        """Scores ``[I, n]``, merge metric ``[I, n, C]`` (or second scores ``[I, n]``) and token layout
+        (``{name: [I, n]}``) of a vision stage for images of one size, at the tokens each still holds."""
         scores = metric = None
         if stage.scorer.kind == "random":
             gen = torch.Generator().manual_seed(stage.scorer.seed)
@@ -382,12 +384,17 @@ class Installation:
             scores = torch.rand(n, generator=gen).to(images[0].feats.device).expand(len(images), n)
             scores = ops.gather_tokens(scores, torch.stack([im.index for im in images]))
         elif stage.scorer.kind == "cls_attention":
-            scores = torch.stack([im.signals["cls"][im.index] for im in images])
+            scores = torch.stack([im.signals[f"cls{stage.scorer.layers}"][im.index] for im in images])
         elif stage.scorer.kind not in ("none",):
             raise VtcError(f"scorer {stage.scorer.kind!r} cannot run at a vision stage")
         if stage.metric is not None and stage.metric.kind == "keys":
             metric = torch.stack([im.signals[f"keys{stage.metric.layers[0]}"][im.index] for im in images])
-        return scores, metric
+        elif stage.metric is not None and stage.metric.kind == "cls_attention":
+            metric = torch.stack([im.signals[f"cls{stage.metric.layers}"][im.index] for im in images])
+        layout = None
+        if stage.reducer == "hired":
+            layout = {name: torch.stack([im.signals[name][im.index] for im in images]) for name in ("tile", "region")}
+        return scores, metric, layout
 
     def _decode_step(self, a: dict) -> None:
         if a["pixel_values"] is not None or (a["mm_encoder_outputs"] or {}).get("image") is not None:
@@ -432,10 +439,11 @@ class Installation:
             arguments = inspect.signature(original).bind(*args, **kwargs).arguments
             arguments = {**arguments.pop("kwargs", {}), **arguments}
             signals: dict[str, list[torch.Tensor]] = {}
-            if self.cls_layers and self._captured:
-                # The score is the [CLS] row averaged over the vision layers the plan reads.
-                row = torch.stack([self._captured[i] for i in self.cls_layers]).mean(dim=0)
-                signals["cls"] = self.adapter.patch_tokens(row, arguments)
+            for layers in self.cls_sets:
+                if all(i in self._captured for i in layers):
+                    # A score is the [CLS] row averaged over the vision layers it reads.
+                    row = torch.stack([self._captured[i] for i in layers]).mean(dim=0)
+                    signals[f"cls{layers}"] = self.adapter.patch_tokens(row, arguments)
             for layer in self.key_layers:
                 if f"keys{layer}" in self._captured:
                     signals[f"keys{layer}"] = self.adapter.patch_tokens(self._captured[f"keys{layer}"], arguments)

@@ -39,7 +39,8 @@ class LlavaNextAdapter(LlavaAdapter):
         # largest pinpoint (no padding to remove). Other images keep the same fractions.
         largest = max(g * g + (h // size) * g * (w // size) * g + (h // size) * g
                       for h, w in self.model.config.image_grid_pinpoints)
-        return ModelInfo(**{**base.__dict__, "family": self.family, "image_tokens": largest, "tiled": True})
+        return ModelInfo(**{**base.__dict__, "family": self.family, "image_tokens": largest, "tiled": True,
+                                         "tile_regions": True})
 
     def _tiles(self, image_sizes) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches

@@ -34,6 +34,7 @@ METHODS = {
     "psigmoid": ("psigmoid", {"budget": 7, "r_min": 0.1, "slope": 2.0}),
     "pdrop-keep-positions": ("pdrop", {"ratio": 0.6, "layers": (2, 4), "positions": "keep"}),
     "vtc_cls+pdrop": ("vtc_cls+pdrop", {"budget": 6}),
+    "hired": ("hired", {"budget": 6, "alpha": 0.25, "early": 1}),  # LLaVA-NeXT only
     "random+fastv": (["random", "fastv"], {"budget": 7, "fastv.layer": 1, "seed": 2}),
 }
 
@@ -50,6 +51,8 @@ def case_args(model, case: str) -> tuple:
     LLaVA images; on a tiled family (images of 32 to 88 tokens, a nominal image larger still)
     counts become the same fractions of each image."""
     method, params = METHODS[case]
+    if method == "hired" and model.config.model_type != "llava_next":
+        pytest.skip("hired needs the tiles' regions: LLaVA-NeXT only (refusals in tests/test_errors.py)")
     if model.config.model_type not in TILED:
         return method, params
     if "pool" in (method if isinstance(method, list) else method.split("+")):

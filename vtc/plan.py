@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 SCORERS = ("cls_attention", "query_attention", "pagerank", "random", "keys", "none")
-REDUCERS = ("topk", "merge", "pool", "dominant+context")
+REDUCERS = ("topk", "merge", "pool", "dominant+context", "hired")
 POSITIONS = ("keep", "compact")
 
 
@@ -40,6 +40,8 @@ class ModelInfo:
     # Images are tiled (LLaVA-NeXT, InternVL): ``image_tokens`` is the largest image's count,
     # and an image's tokens are not one square grid.
     tiled: bool = False
+    # The adapter knows which part of the image each tile shows (LLaVA-NeXT; HiRED needs it).
+    tile_regions: bool = False
 
 
 @dataclass(frozen=True)

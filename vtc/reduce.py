@@ -16,13 +16,14 @@ from .plan import Stage
 
 def reduce_vision(
     stage: Stage, feats: torch.Tensor, scores: torch.Tensor | None, metric: torch.Tensor | None,
-    protected: torch.Tensor | None = None,
+    protected: torch.Tensor | None = None, layout: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply ``stage`` to ``feats`` ``[I, n, D]``; returns the reduced features and, for each,
     its position among the ``n`` inputs (``[I, k]``, ascending).
 
     ``protected`` (bool ``[n]``, fewer than ``stage.keep`` set) marks tokens kept as they are
     (LLaVA-NeXT's row ends); the stage reduces the others to the rest of the budget.
+    ``layout`` (``{name: [I, n]}``): where each token is in a tiled image, for ``hired``.
 
     Example:
         >>> from vtc.plan import Scorer, Stage
@@ -35,11 +36,17 @@ def reduce_vision(
         fixed, free = protected.nonzero()[:, 0], (~protected).nonzero()[:, 0]
         inner = resized(stage, stage.keep - fixed.numel())
         scores, metric = (None if t is None else t[:, free] for t in (scores, metric))
-        reduced, local = reduce_vision(inner, feats[:, free], scores, metric)
+        layout = None if layout is None else {k: v[:, free] for k, v in layout.items()}
+        reduced, local = reduce_vision(inner, feats[:, free], scores, metric, layout=layout)
         index = torch.cat([fixed.expand(feats.shape[0], -1), free[local]], dim=1)
         index, order = index.sort(dim=1)
         both = torch.cat([feats[:, fixed], reduced], dim=1)
         return ops.gather_tokens(both, order), index
+    if stage.reducer == "hired":
+        alpha = dict(stage.options).get("alpha", 0.5)
+        keep = torch.stack([ops.hired_select(scores[i], metric[i], layout["tile"][i], layout["region"][i],
+                                             stage.keep, alpha) for i in range(feats.shape[0])])
+        return ops.gather_tokens(feats, keep), keep
     if stage.reducer == "topk":
         keep = ops.topk_keep(scores, stage.keep)
         return ops.gather_tokens(feats, keep), keep

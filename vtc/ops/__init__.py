@@ -15,7 +15,7 @@ Example:
 
 from .attention import apply_rope, attention_pagerank, cls_attention, query_attention, rotate_half
 from .merge import bipartite_soft_matching, merge_weighted
-from .reduce import dominant_and_context, merge_to, pool_grid
+from .reduce import dominant_and_context, hired_select, merge_to, pool_grid, share
 from .select import gather_tokens, left_pad, topk_keep
 
 __all__ = [
@@ -25,11 +25,13 @@ __all__ = [
     "cls_attention",
     "dominant_and_context",
     "gather_tokens",
+    "hired_select",
     "left_pad",
     "merge_to",
     "merge_weighted",
     "pool_grid",
     "query_attention",
     "rotate_half",
+    "share",
     "topk_keep",
 ]

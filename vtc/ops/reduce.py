@@ -111,3 +111,68 @@ def dominant_and_context(
     index = torch.cat([keep, targets], dim=1)
     order = index.argsort(dim=1)
     return gather_tokens(torch.cat([gather_tokens(x, keep), contextual], dim=1), order), gather_tokens(index, order)
+
+
+def share(total: int, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """Split ``total`` into integer parts proportional to ``weights``, none above its ``capacity``
+    (largest remainders first; what a full part cannot take goes to the others).
+
+    Example:
+        >>> share(10, torch.tensor([3., 1., 0., 0.]), torch.tensor([5, 5, 5, 5]))
+        tensor([5, 5, 0, 0])
+        >>> share(4, torch.tensor([1., 1., 1.]), torch.tensor([9, 9, 9]))
+        tensor([2, 1, 1])
+    """
+    parts = torch.zeros_like(capacity)
+    open_ = capacity > 0
+    left = min(int(total), int(capacity.sum()))
+    while left > 0:
+        w = torch.where(open_, weights.double(), 0.0)
+        if not bool((w > 0).any()):  # nothing left to be proportional to: by room
+            w = torch.where(open_, (capacity - parts).double(), 0.0)
+        exact = w / w.sum() * left
+        add = torch.minimum(exact.floor().long(), capacity - parts)
+        spare = left - int(add.sum())
+        if spare > 0:  # the largest remainders get one more, while there is room
+            room = (w > 0) & (parts + add < capacity)
+            order = torch.where(room, exact - exact.floor(), -1.0).argsort(descending=True, stable=True)
+            add[order[: min(spare, int(room.sum()))]] += 1
+        parts += add
+        left -= int(add.sum())
+        open_ = parts < capacity
+    return parts
+
+
+def hired_select(late: torch.Tensor, early: torch.Tensor, tile: torch.Tensor, region: torch.Tensor, keep: int,
+                 alpha: float = 0.5) -> torch.Tensor:
+    """HiRED's choice of ``keep`` tokens of one high-resolution image, returned ascending.
+
+    ``tile`` says which part of the image a token is in (0 the base image, 1.. its tiles);
+    ``region`` which tile's area a base token shows. ``alpha`` of the budget goes to the base
+    image, chosen by ``late`` score. The rest is shared among the tiles in proportion to how
+    many of the base image's best ``early``-scored tokens (as many as there is budget for the
+    tiles) lie in each tile's region, then each tile keeps its best ``late``-scored tokens.
+
+    Example:
+        >>> tile = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+        >>> region = torch.tensor([1, 1, 2, 2, 1, 1, 1, 2, 2, 2])
+        >>> early = torch.tensor([9., 8., 0., 0., 0., 0., 0., 0., 0., 0.])  # region 1 matters
+        >>> hired_select(torch.arange(10.), early, tile, region, keep=4)
+        tensor([2, 3, 5, 6])
+    """
+    base = (tile == 0).nonzero()[:, 0]
+    tiled = tile > 0
+    kb = min(base.numel(), round(alpha * keep))
+    kt = min(int(tiled.sum()), keep - kb)
+    kb = keep - kt  # what the tiles cannot hold goes back to the base image
+    chosen = [base[topk_keep(late[base][None], kb)[0]]] if kb else []
+    if kt:
+        ids = tile[tiled].unique()
+        top = base[topk_keep(early[base][None], min(kt, base.numel()))[0]]
+        counts = (region[top][:, None] == ids[None]).sum(dim=0)
+        room = (tile[:, None] == ids[None]).sum(dim=0)
+        for t, k in zip(ids.tolist(), share(kt, counts, room).tolist()):
+            if k:
+                mine = (tile == t).nonzero()[:, 0]
+                chosen.append(mine[topk_keep(late[mine][None], k)[0]])
+    return torch.cat(chosen).sort().values

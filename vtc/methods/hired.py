@@ -1,0 +1,58 @@
+"""HiRED: share a high-resolution image's token budget between its base image and its tiles."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vtc.errors import VtcError
+from vtc.plan import ModelInfo, Plan, Scorer, Stage
+from vtc.registry import register_method
+
+from .base import PreLLMTopK
+
+
+@register_method
+@dataclasses.dataclass
+class HiRED(PreLLMTopK):
+    """Before the LLM, per image: ``alpha`` of the budget to the base image, its best tokens by
+    [CLS] attention at vision layer ``late``; the rest shared among the tiles in proportion to
+    how many of the base image's best tokens by [CLS] attention at layer ``early`` lie in each
+    tile's part of the image, each tile then keeping its best tokens at ``late``. Row-end
+    tokens are protected (kept, counted in the budget); positions compacted.
+
+    Defaults (the paper's, for LLaVA-NeXT with CLIP-L/336): keep 20% of each image's tokens,
+    ``alpha=0.5``, ``early=0``, ``late`` the feature layer (22). Needs a model whose adapter
+    knows the tiles' regions (LLaVA-NeXT).
+
+    Example:
+        >>> from vtc.plan import ModelInfo
+        >>> info = ModelInfo("llava_next", 2928, 32, 24, 22, True, tiled=True, tile_regions=True)
+        >>> print(HiRED().compile(info).stages[0].reducer_label)
+        hired(cls_attention@vision[0], alpha=0.5)
+    """
+
+    name = "hired"
+    summary = "high-resolution budget shared between base image and tiles by [CLS] attention (HiRED)"
+    default_keep = 0.2
+
+    alpha: float = 0.5
+    early: int = 0
+    late: int | None = None
+    positions: str = "compact"
+
+    def compile(self, info: ModelInfo, budget=None) -> Plan:
+        if not info.tile_regions:
+            raise VtcError(
+                f"hired shares a budget among the tiles of a high-resolution image by the regions they show; "
+                f"vtc knows those regions for llava_next only, not {info.family} (use vtc_cls there)"
+            )
+        if not 0 <= self.alpha <= 1:
+            raise VtcError(f"hired alpha={self.alpha}: use a fraction of the budget in [0, 1]")
+        late = info.vision_feature_layer if self.late is None else self.late
+        bad = [x for x in (self.early, late) if not 0 <= x < info.vision_layers]
+        if bad:
+            raise VtcError(f"hired early={self.early}, late={late}: use vision layers in [0, {info.vision_layers - 1}]")
+        stage = Stage("vision", Scorer("cls_attention", (late,)), self.resolve_keep(info, budget), reducer="hired",
+                      positions=self.positions, metric=Scorer("cls_attention", (self.early,)),
+                      options=(("alpha", self.alpha),))
+        return self._plan(info, (stage,), budget)

@@ -1,5 +1,6 @@
 """Prefill benchmark: a method's wall-clock time against the *ideal* time for the same
-per-layer token counts, on a LLaVA-1.5-shaped model of reduced width (random weights).
+per-layer token counts, on a LLaVA-1.5-shaped (576 visual tokens) or LLaVA-NeXT-shaped
+(one 672x672 image: 2,928 tokens) model of reduced width (random weights).
 
 For the unpatched model and each method at each budget it prints: prefill time (median of
 interleaved rounds), the ideal time (the vision tower and the unpatched decoder layers run
@@ -8,6 +9,7 @@ method over that ideal, analytic FLOPs and their speedup, the measured speedup, 
 memory above the weights.
 
     python scripts/bench_prefill.py                     # CPU, float32, sdpa
+    python scripts/bench_prefill.py --family llava_next --budgets 1.0,0.5,0.25,0.1
     python scripts/bench_prefill.py --device cuda --dtype bfloat16 --width 4096 --vision-width 1024
 """
 
@@ -22,7 +24,9 @@ import torch
 
 import vtc
 from vtc.eval.cost import interleaved_medians, peak_memory_bytes, timed
-from vtc.testing import llava15_shaped, tiny_inputs
+from vtc.testing import image_token_count, llava15_shaped, llava_next_shaped, tiled_inputs, tiny_inputs
+
+IMAGE = {"llava_next": (672, 672)}  # LLaVA-NeXT's largest square image: a base image and 2x2 tiles
 
 
 def ideal_prefill(model, inputs, lengths: list[int]):
@@ -40,7 +44,8 @@ def ideal_prefill(model, inputs, lengths: list[int]):
 
     @torch.no_grad()
     def run():
-        feats = torch.cat(list(base.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
+        images = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
+        feats = torch.cat(list(base.get_image_features(**images).pooler_output))
         h = base.get_input_embeddings()(inputs["input_ids"])
         h = h.masked_scatter((inputs["input_ids"] == model.config.image_token_id)[..., None], feats)
         for layer, n in zip(lm.layers, lengths):
@@ -56,7 +61,8 @@ def ideal_prefill(model, inputs, lengths: list[int]):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(vtc.list_methods(standalone=True)))
-    p.add_argument("--budgets", default="576,288,144,64")
+    p.add_argument("--family", default="llava", choices=["llava", "llava_next"])
+    p.add_argument("--budgets", default="576,288,144,64", help="counts, or fractions with a point (0.25)")
     p.add_argument("--width", type=int, default=256, help="LLM hidden size (LLaVA-1.5-7B: 4096)")
     p.add_argument("--vision-width", type=int, default=256, help="vision hidden size (CLIP-L: 1024)")
     p.add_argument("--layers", type=int, default=32)
@@ -70,14 +76,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = llava15_shaped(width=args.width, vision_width=args.vision_width, layers=args.layers, attn=args.attn,
-                           dtype=getattr(torch, args.dtype)).to(args.device)
-    inputs = {k: v.to(args.device) for k, v in tiny_inputs(model, text=args.text).items()}
-    text = inputs["input_ids"].shape[1] - model.config.image_seq_length
+    build = llava15_shaped if args.family == "llava" else llava_next_shaped
+    model = build(width=args.width, vision_width=args.vision_width, layers=args.layers, attn=args.attn,
+                  dtype=getattr(torch, args.dtype)).to(args.device)
+    if args.family == "llava":
+        inputs = tiny_inputs(model, text=args.text)
+    else:
+        inputs = tiled_inputs(model, images=[[IMAGE[args.family]]], text=args.text)
+    inputs = {k: v.to(args.device) for k, v in inputs.items()}
+    image_tokens = image_token_count(model, IMAGE.get(args.family))
+    text = inputs["input_ids"].shape[1] - image_tokens
     configs = {"unpatched": (None, None)}
     for method in args.methods.split(","):
         for b in args.budgets.split(","):
-            configs[f"{method}@{b}"] = (method, int(b))
+            configs[f"{method}@{b}"] = (method, float(b) if "." in b else int(b))
 
     def measured(method, budget):
         def run():
@@ -90,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     fns, rows = {}, {}
     for name, (method, budget) in configs.items():
         if method is None:
-            lengths = [text + model.config.image_seq_length] * args.layers
+            lengths = [text + image_tokens] * args.layers
             flops = flops_full = None
         else:
             plan = vtc.plan(model, method, budget=budget)
@@ -124,8 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# prefill benchmark, {date.today()}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}, {args.dtype}, "
           f"{args.attn}")
-    print(f"# LLaVA-1.5 shape at width {args.width} (vision {args.vision_width}), {args.layers} layers, "
-          f"576 visual + {text} text tokens, medians of {args.rounds} interleaved rounds")
+    shape = "LLaVA-1.5" if args.family == "llava" else "LLaVA-NeXT"
+    print(f"# {shape} shape at width {args.width} (vision {args.vision_width}), {args.layers} layers, "
+          f"{image_tokens} visual + {text} text tokens, medians of {args.rounds} interleaved rounds")
     # The ideal leaves out what every forward of the model pays (mask creation, output objects),
     # so "net" divides out the unpatched model's own gap to its ideal.
     base_gap = times["unpatched"] / times["unpatched ideal"]

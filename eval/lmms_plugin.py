@@ -158,8 +158,8 @@ class VtcLMM(lmms):
         return answers
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        # Batch requests that share generation settings and image count (vtc needs the same
-        # number of images per sample in a batch).
+        # Batch requests that share generation settings and image count (samples with other
+        # counts would work, but pad each other).
         groups: dict[tuple, list[int]] = defaultdict(list)
         prepared = []
         for i, req in enumerate(requests):

@@ -83,13 +83,17 @@ class GenerateMeter:
             return {"images": st.images, "tokens_entering_llm": st.tokens_entering_llm,
                     "equivalent_tokens": st.equivalent_tokens, "flops": st.flops, "flops_full": st.flops_full}
         from vtc.flops import prefill_flops
+        from vtc.patches.internvl import placeholder_runs
         from vtc.registry import get_adapter
 
         info = get_adapter(self.model).info()
-        ids = inputs["input_ids"]
-        images = int((ids[0] == self.model.config.image_token_id).sum()) // info.image_tokens
-        text = ids.shape[1] - images * info.image_tokens
-        flops = prefill_flops(info, None, text, images)
-        n = info.image_tokens if images else 0
-        return {"images": images, "tokens_entering_llm": n, "equivalent_tokens": float(n), "flops": flops,
+        ids = inputs["input_ids"][:1]
+        placeholders = ids == self.model.config.image_token_id
+        # Tiled images differ in size: each is a run of placeholders (the first sample's).
+        sizes = placeholder_runs(placeholders) if info.tiled else \
+            [info.image_tokens] * (int(placeholders.sum()) // info.image_tokens)
+        text = ids.shape[1] - sum(sizes)
+        flops = prefill_flops(info, None, text, sizes)
+        n = sum(sizes) / len(sizes) if sizes else 0
+        return {"images": len(sizes), "tokens_entering_llm": n, "equivalent_tokens": float(n), "flops": flops,
                 "flops_full": flops}

@@ -260,10 +260,11 @@ class Installation:
                 protected[im.sample, im.rows] = im.protected
         if self.vision_stages:
             compact = any(s.positions == "compact" for s in self.vision_stages)
-            text_rows = [(~image_mask[b]).nonzero()[:, 0] for b in range(bsz)]
+            # Each sample keeps its text and its images' surviving placeholders.
+            keep = [(~image_mask[b]).nonzero()[:, 0] for b in range(bsz)]
             for im in images:
-                text_rows[im.sample] = torch.cat([text_rows[im.sample], im.rows[im.index]])
-            rows, pad = ops.left_pad([r.sort().values for r in text_rows])
+                keep[im.sample] = torch.cat([keep[im.sample], im.rows[im.index]])
+            rows, pad = ops.left_pad([r.sort().values for r in keep])
             self._reduce_inputs(a, rows, pad, compact)
             out = copy.copy(out)
             out.pooler_output = self.adapter.pooler_output([im.feats for im in images])

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=256, help="LLM hidden size (LLaVA-1.5-7B: 4096)")
     p.add_argument("--vision-width", type=int, default=256, help="vision hidden size (CLIP-L: 1024)")
     p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=32, help="LLM head size (LLaVA-1.5-7B: 128)")
     p.add_argument("--text", type=int, default=64, help="text tokens around the image")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--attn", default="sdpa")
@@ -76,9 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    build = llava15_shaped if args.family == "llava" else llava_next_shaped
-    model = build(width=args.width, vision_width=args.vision_width, layers=args.layers, attn=args.attn,
-                  dtype=getattr(torch, args.dtype)).to(args.device)
+    if args.family == "llava":
+        model = llava15_shaped(width=args.width, vision_width=args.vision_width, layers=args.layers, attn=args.attn,
+                               dtype=getattr(torch, args.dtype), head_dim=args.head_dim).to(args.device)
+    else:
+        model = llava_next_shaped(width=args.width, vision_width=args.vision_width, layers=args.layers,
+                                  attn=args.attn, dtype=getattr(torch, args.dtype)).to(args.device)
     if args.family == "llava":
         inputs = tiny_inputs(model, text=args.text)
     else:
@@ -137,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}, {args.dtype}, "
           f"{args.attn}")
     shape = "LLaVA-1.5" if args.family == "llava" else "LLaVA-NeXT"
-    print(f"# {shape} shape at width {args.width} (vision {args.vision_width}), {args.layers} layers, "
+    print(f"# {shape} shape at width {args.width} (vision {args.vision_width}), {args.layers} layers, head size "
+          f"{args.head_dim if args.family == 'llava' else 32}, "
           f"{image_tokens} visual + {text} text tokens, medians of {args.rounds} interleaved rounds")
     # The ideal leaves out what every forward of the model pays (mask creation, output objects),
     # so "net" divides out the unpatched model's own gap to its ideal.

@@ -176,9 +176,10 @@ def tiny_inputs(
 
 
 def llava15_shaped(*, width: int = 256, layers: int = 32, vision_layers: int = 24, vision_width: int = 256,
-                   attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0):
+                   attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0, head_dim: int = 32):
     """LLaVA-1.5-7B's geometry at reduced width: 336px / patch 14 = 576 tokens per image,
-    a 24-layer tower read at layer -2, a 32-layer LLM (MLP ratio 11008/4096, head size 32).
+    a 24-layer tower read at layer -2, a 32-layer LLM (MLP ratio 11008/4096, head size
+    ``head_dim``; LLaVA-1.5-7B's is 128).
 
     Example:
         >>> llava15_shaped(width=64, layers=4, vision_layers=3, vision_width=32).config.image_seq_length
@@ -186,8 +187,8 @@ def llava15_shaped(*, width: int = 256, layers: int = 32, vision_layers: int = 2
     """
     return tiny_llava(
         image_size=336, patch_size=14, vision_layers=vision_layers, vision_hidden=vision_width, layers=layers,
-        hidden=width, intermediate=int(width * 11008 / 4096), heads=max(1, width // 32), kv_heads=max(1, width // 32),
-        vocab=32064, attn=attn, dtype=dtype, seed=seed,
+        hidden=width, intermediate=int(width * 11008 / 4096), heads=max(1, width // head_dim),
+        kv_heads=max(1, width // head_dim), vocab=32064, attn=attn, dtype=dtype, seed=seed,
     )
 
 

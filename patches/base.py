@@ -65,22 +65,35 @@ class Adapter:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         return type(model).__name__ in cls.class_names or model_type in cls.model_types
 
-    # -- family-specific lookups -------------------------------------------------------
+    # -- family-specific lookups (defaults: transformers 5.x's ``*ForConditionalGeneration``
+    # layout, ``model.model`` holding ``vision_tower`` and ``language_model``) ------------
     def base(self) -> nn.Module:
         """The module whose ``forward`` merges image features into the sequence."""
-        raise NotImplementedError
+        return self.model.model
 
     def decoder_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        return self.base().language_model.layers
 
     def rotary(self) -> nn.Module:
-        raise NotImplementedError
+        return self.base().language_model.rotary_emb
 
     def vision_attention(self, layer: int) -> nn.Module:
         raise NotImplementedError
 
     def info(self) -> ModelInfo:
         raise NotImplementedError
+
+    def text_sizes(self) -> dict:
+        """The language model's sizes, as :class:`~vtc.plan.ModelInfo` fields."""
+        t = getattr(self.model.config, "text_config", self.model.config)
+        return {
+            "num_layers": t.num_hidden_layers,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_heads": t.num_attention_heads,
+            "num_kv_heads": getattr(t, "num_key_value_heads", None) or t.num_attention_heads,
+            "head_dim": getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads,
+        }
 
     @property
     def image_token_id(self) -> int:

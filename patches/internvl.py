@@ -47,39 +47,22 @@ class InternVLAdapter(Adapter):
     # image is the largest one (13 tiles); smaller ones keep the same fractions.
     max_tiles = 12
 
-    def base(self):
-        return self.model.model
-
-    def _tower(self):
-        return self.model.model.vision_tower
-
-    def decoder_layers(self):
-        return self.model.model.language_model.layers
-
-    def rotary(self):
-        return self.model.model.language_model.rotary_emb
-
     def vision_attention(self, layer: int):
-        return self._tower().encoder.layer[layer].attention
+        return self.base().vision_tower.encoder.layer[layer].attention
 
     def info(self) -> ModelInfo:
-        cfg, tcfg, vcfg = self.model.config, self.model.config.text_config, self.model.config.vision_config
+        cfg, vcfg = self.model.config, self.model.config.vision_config
         layer = cfg.vision_feature_layer
         if not isinstance(layer, int):
             layer = max(layer, key=lambda i: i % (vcfg.num_hidden_layers + 1))
         return ModelInfo(
             family=self.family,
             image_tokens=cfg.image_seq_length * (self.max_tiles + 1),
-            num_layers=tcfg.num_hidden_layers,
             vision_layers=vcfg.num_hidden_layers,
             vision_feature_layer=feature_layer_index(layer, vcfg.num_hidden_layers),
             has_cls=True,
-            hidden_size=tcfg.hidden_size,
-            intermediate_size=tcfg.intermediate_size,
-            num_heads=tcfg.num_attention_heads,
-            num_kv_heads=getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads,
-            head_dim=getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads,
             tiled=True,
+            **self.text_sizes(),
         )
 
     def vision_hidden_size(self) -> int:

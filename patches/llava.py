@@ -33,17 +33,8 @@ class LlavaAdapter(Adapter):
     class_names = ("LlavaForConditionalGeneration",)
     model_types = ("llava",)
 
-    def base(self):
-        return self.model.model
-
     def _tower(self):
-        return self.model.model.vision_tower
-
-    def decoder_layers(self):
-        return self.model.model.language_model.layers
-
-    def rotary(self):
-        return self.model.model.language_model.rotary_emb
+        return self.base().vision_tower
 
     def vision_attention(self, layer: int):
         return self._tower().encoder.layers[layer].self_attn
@@ -55,22 +46,17 @@ class LlavaAdapter(Adapter):
         return layer
 
     def info(self) -> ModelInfo:
-        cfg, tcfg = self.model.config, self.model.config.text_config
+        cfg = self.model.config
         vcfg = cfg.vision_config
         patches = (vcfg.image_size // vcfg.patch_size) ** 2
         strategy = cfg.vision_feature_select_strategy
         return ModelInfo(
             family=self.family,
             image_tokens=patches + (1 if strategy == "full" else 0),
-            num_layers=tcfg.num_hidden_layers,
             vision_layers=vcfg.num_hidden_layers,
             vision_feature_layer=feature_layer_index(self._feature_layer(), vcfg.num_hidden_layers),
             has_cls=True,
-            hidden_size=tcfg.hidden_size,
-            intermediate_size=tcfg.intermediate_size,
-            num_heads=tcfg.num_attention_heads,
-            num_kv_heads=getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads,
-            head_dim=getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads,
+            **self.text_sizes(),
         )
 
     def vision_hidden_size(self) -> int:

@@ -109,8 +109,13 @@ class Adapter:
         return getattr(cfg, "_attn_implementation", None) or "sdpa"
 
     def encode_images(self, arguments: dict) -> Any:
-        """Run the vision tower for the base forward's ``arguments``; returns its output object."""
-        raise NotImplementedError
+        """Run the vision tower for the base forward's ``arguments``, as that forward does when
+        given ``pixel_values``; returns the encoder's output object."""
+        encode = self.base().get_image_features
+        takes = inspect.signature(encode).parameters
+        names = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+        return encode(**{k: arguments[k] for k in names if k in takes and k in arguments},
+                      **{**arguments.get("kwargs", {}), "return_dict": True})
 
     def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
         """Map a per-token tower quantity ``[tower images, tower tokens, ...]`` (a [CLS] attention

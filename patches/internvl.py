@@ -68,15 +68,6 @@ class InternVLAdapter(Adapter):
     def vision_hidden_size(self) -> int:
         return self.model.config.vision_config.hidden_size
 
-    def encode_images(self, a: dict):
-        # The same call InternVLModel.forward makes when it is given pixel_values.
-        return self.base().get_image_features(
-            pixel_values=a["pixel_values"],
-            vision_feature_layer=a.get("vision_feature_layer"),
-            vision_feature_select_strategy=a.get("vision_feature_select_strategy"),
-            **{**a.get("kwargs", {}), "return_dict": True},
-        )
-
     def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
         cfg = self.model.config
         strategy = arguments.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy

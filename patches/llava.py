@@ -62,16 +62,6 @@ class LlavaAdapter(Adapter):
     def vision_hidden_size(self) -> int:
         return self.model.config.vision_config.hidden_size
 
-    def encode_images(self, a: dict):
-        # The same call LlavaModel.forward makes when it is given pixel_values.
-        return self.base().get_image_features(
-            pixel_values=a["pixel_values"],
-            vision_feature_layer=a.get("vision_feature_layer"),
-            vision_feature_select_strategy=a.get("vision_feature_select_strategy"),
-            image_sizes=a.get("image_sizes"),
-            **{**a.get("kwargs", {}), "return_dict": True},
-        )
-
     def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
         strategy = arguments.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
         # "default" drops the [CLS] token from the features; "full" keeps it.

@@ -104,13 +104,3 @@ class LlavaNextAdapter(LlavaAdapter):
         r = ((top + centre * h * scale) // size).long().clamp(0, rows - 1)
         c = ((left + centre * w * scale) // size).long().clamp(0, cols - 1)
         return (1 + r[:, None] * cols + c[None, :]).flatten()
-
-    def encode_images(self, a: dict):
-        # The same call LlavaNextModel.forward makes when it is given pixel_values.
-        return self.base().get_image_features(
-            pixel_values=a["pixel_values"],
-            image_sizes=a["image_sizes"],
-            vision_feature_layer=a.get("vision_feature_layer"),
-            vision_feature_select_strategy=a.get("vision_feature_select_strategy"),
-            **{**a.get("kwargs", {}), "return_dict": True},
-        )

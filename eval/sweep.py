@@ -24,7 +24,7 @@ import torch
 
 import vtc
 from vtc.budget import resolve_count
-from vtc.errors import BudgetError, VtcError
+from vtc.errors import BudgetError, MethodNotApplicableError, VtcError
 from vtc.methods.composed import create_method, split_spec
 from vtc.registry import get_adapter, get_method
 
@@ -137,7 +137,7 @@ def plan_cells(spec: SweepSpec) -> tuple[list[Cell], list[tuple[Cell, str]]]:
             try:
                 vtc.plan(meta, method, b, **params)
                 cells.append(cell)
-            except BudgetError as e:
+            except (BudgetError, MethodNotApplicableError) as e:  # e.g. hired on a model without tiles
                 infeasible.append((cell, str(e)))
     return cells, infeasible
 

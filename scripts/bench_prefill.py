@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     text = inputs["input_ids"].shape[1] - image_tokens
     configs = {"unpatched": (None, None)}
     for method in args.methods.split(","):
+        try:
+            vtc.plan(model, method)
+        except vtc.MethodNotApplicableError as e:
+            print(f"skipping {method}: {e}", file=sys.stderr)
+            continue
         for b in args.budgets.split(","):
             configs[f"{method}@{b}"] = (method, float(b) if "." in b else int(b))
 

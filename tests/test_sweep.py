@@ -108,6 +108,13 @@ def test_infeasible_cells_are_skipped_with_the_reason(toy_shaped):
     assert infeasible[0][0].name == "fastv@16" and "lowest feasible budget" in infeasible[0][1]
 
 
+def test_default_methods_skip_those_that_do_not_apply(toy_shaped):
+    # Every standalone method by default; hired needs LLaVA-NeXT's tiles, the toy is LLaVA.
+    cells, infeasible = sweep.plan_cells(SweepSpec(model=toy_shaped, budgets=[48], out="unused"))
+    assert "hired@48" not in [c.name for c in cells] and "vtc_cls@48" in [c.name for c in cells]
+    assert [c.name for c, why in infeasible if "llava_next only" in why] == ["hired@48"]
+
+
 def test_yaml_spec_and_cli_flags(toy_shaped, tmp_path):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(f"model: {toy_shaped}\nmethods: [random]\nbudgets: [16]\nlimit: 3\n")

@@ -46,6 +46,7 @@ from .api import (  # noqa: E402
 )
 from .errors import (  # noqa: E402
     BudgetError,
+    MethodNotApplicableError,
     UnknownMethodError,
     UnsupportedConfigurationError,
     UnsupportedModelError,
@@ -58,6 +59,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MIN_TRANSFORMERS",
     "BudgetError",
+    "MethodNotApplicableError",
     "ModelInfo",
     "Plan",
     "Scorer",

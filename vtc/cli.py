@@ -79,7 +79,11 @@ def cmd_demo(args) -> None:
     inputs = tiny_inputs(model, text=64)
     rows, fns = [], {"unpatched": lambda: timed(lambda: model(**inputs, logits_to_keep=1))}
     for method in vtc.list_methods(standalone=True):
-        plan = vtc.plan(model, method, args.budget)
+        try:
+            plan = vtc.plan(model, method, args.budget)
+        except vtc.MethodNotApplicableError as e:
+            print(f"\nskipping {method}: {e}")
+            continue
         print(f"\n{plan}")
         with vtc.compressed(model, method, args.budget), torch.no_grad():
             model(**inputs, logits_to_keep=1)

@@ -23,6 +23,11 @@ class UnsupportedModelError(VtcError):
     """No adapter knows this model's class."""
 
 
+class MethodNotApplicableError(VtcError):
+    """The method needs something this model family lacks (a [CLS] token, a square token grid,
+    the tiles' regions); sweeps and benchmarks leave such pairs out."""
+
+
 class BudgetError(VtcError):
     """The budget cannot be met by this method on this model."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vtc.errors import VtcError
+from vtc.errors import MethodNotApplicableError, VtcError
 from vtc.plan import ModelInfo, Plan, Scorer, Stage
 from vtc.registry import register_method
 
@@ -42,7 +42,7 @@ class HiRED(PreLLMTopK):
 
     def compile(self, info: ModelInfo, budget=None) -> Plan:
         if not info.tile_regions:
-            raise VtcError(
+            raise MethodNotApplicableError(
                 f"hired shares a budget among the tiles of a high-resolution image by the regions they show; "
                 f"vtc knows those regions for llava_next only, not {info.family} (use vtc_cls there)"
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vtc.errors import VtcError
+from vtc.errors import MethodNotApplicableError
 from vtc.ops.reduce import grid_shape
 from vtc.plan import ModelInfo, Plan, Scorer, Stage
 from vtc.registry import register_method
@@ -32,8 +32,10 @@ class Pool(PreLLMTopK):
 
     def compile(self, info: ModelInfo, budget=None) -> Plan:
         if info.tiled:
-            raise VtcError(f"pool averages one square token grid per image; {info.family} images are tiled "
-                           f"(use random, vtc_cls or tome as the pre-LLM baseline there)")
+            raise MethodNotApplicableError(
+                f"pool averages one square token grid per image; {info.family} images are tiled "
+                f"(use random, vtc_cls or tome as the pre-LLM baseline there)"
+            )
         rows, cols = grid_shape(self.resolve_keep(info, budget))
         stage = Stage("vision", Scorer("none"), rows * cols, reducer="pool", positions=self.positions)
         return self._plan(info, (stage,), budget)

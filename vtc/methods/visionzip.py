@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vtc.errors import VtcError
+from vtc.errors import MethodNotApplicableError, VtcError
 from vtc.plan import ModelInfo, Plan, Scorer, Stage
 from vtc.registry import register_method
 
@@ -33,7 +33,9 @@ class VisionZip(PreLLMTopK):
 
     def compile(self, info: ModelInfo, budget=None) -> Plan:
         if not info.has_cls:
-            raise VtcError(f"visionzip needs a vision [CLS] token, which this {info.family} model lacks")
+            raise MethodNotApplicableError(
+                f"visionzip needs a vision [CLS] token, which this {info.family} model lacks; use tome"
+            )
         keep = self.resolve_keep(info, budget)
         frac = 54 / 64 if self.dominant is None else self.dominant
         dominant = round(frac * keep) if isinstance(frac, float) else int(frac)

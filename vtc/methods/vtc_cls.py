@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vtc.errors import VtcError
+from vtc.errors import MethodNotApplicableError, VtcError
 from vtc.plan import ModelInfo, Plan, Scorer, Stage
 from vtc.registry import register_method
 
@@ -35,7 +35,7 @@ class VtcCls(PreLLMTopK):
 
     def compile(self, info: ModelInfo, budget=None) -> Plan:
         if not info.has_cls:
-            raise VtcError(
+            raise MethodNotApplicableError(
                 f"vtc_cls ranks patches by the vision tower's [CLS] attention, and this {info.family} "
                 f"model's tower has no [CLS] token; use a method that does not need it (fastv, random)"
             )

@@ -18,6 +18,14 @@ def test_plan_prints_the_table(capsys):
     assert "layer:3" in out and "query_attention@L2" in out and "equivalent: 12" in out
 
 
+def test_plan_on_the_llava_next_shape(capsys):
+    assert main(["plan", "--model", "llava-next-shape", "--method", "hired"]) == 0
+    out = capsys.readouterr().out
+    assert "2928 visual tokens per image" in out and "hired(cls_attention@vision[0], alpha=0.5)" in out
+    assert main(["plan", "--method", "hired"]) == 2  # LLaVA-1.5 has no tiles
+    assert "llava_next only" in capsys.readouterr().err
+
+
 def test_bad_budget_exits_2_with_a_message(capsys):
     assert main(["plan", "--method", "vtc_cls", "--budget", "0"]) == 2
     assert "keeps no visual token" in capsys.readouterr().err

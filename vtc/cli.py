@@ -41,11 +41,11 @@ def _meta_model(name: str):
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    if name == "llava-1.5-shape":
-        from vtc.testing import llava15_shaped
+    if name in ("llava-1.5-shape", "llava-next-shape"):
+        from vtc.testing import llava15_shaped, llava_next_shaped
 
         with torch.device("meta"):
-            return llava15_shaped()
+            return llava15_shaped() if name == "llava-1.5-shape" else llava_next_shaped()
     config = AutoConfig.from_pretrained(name)
     with torch.device("meta"):
         return AutoModelForImageTextToText.from_config(config)
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("methods", help="list the methods and their native parameters").set_defaults(fn=cmd_methods)
     sub.add_parser("models", help="list the supported model classes").set_defaults(fn=cmd_models)
     p = sub.add_parser("plan", help="print the plan a method compiles to on a model (no weights loaded)")
-    p.add_argument("--model", default="llava-1.5-shape", help="hub id or path (config only), or llava-1.5-shape")
+    p.add_argument("--model", default="llava-1.5-shape",
+                   help="hub id or path (config only), or llava-1.5-shape / llava-next-shape")
     p.add_argument("--method", required=True)
     p.add_argument("--budget", type=_number, default=None, help="tokens per image (int) or fraction (float)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a native parameter")

@@ -150,3 +150,16 @@ def test_a_budget_counts_tokens_of_the_largest_image():
     assert plan.image_tokens == 88 and plan.keeps_for(88) == [44] and plan.keeps_for(52) == [26]
     internvl = tiny_model("internvl", layers=1, vision_layers=1)
     assert vtc.plan(internvl, "vtc_cls", budget=0.25).image_tokens == 13 * 16  # 12 tiles and a thumbnail
+
+
+def test_cost_records_of_an_unpatched_tiled_model_count_each_image():
+    from vtc.eval.meter import GenerateMeter
+    from vtc.testing import image_token_count
+
+    model = tiny_model("llava_next", layers=2, vision_layers=1)
+    inputs = tiled_inputs(model, images=[[(112, 112), (56, 112)]])
+    record = GenerateMeter(model)._tokens(inputs)
+    sizes = [image_token_count(model, (112, 112)), image_token_count(model, (56, 112))]
+    assert record["images"] == 2 and record["equivalent_tokens"] == sum(sizes) / 2
+    assert record["flops"] == vtc.flops.prefill_flops(get_adapter(model).info(), None,
+                                                      inputs["input_ids"].shape[1] - sum(sizes), sizes)

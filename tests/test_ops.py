@@ -128,9 +128,9 @@ def test_attention_pagerank_matches_dense_pagerank_over_eager_weights():
         for _ in range(4):
             s = torch.einsum("bhi,bhij->bhj", s, weights)
         expected = s.pow(2).mean(dim=1).sqrt()
-        for cache_bytes in (0, 2**20):  # recomputed per iteration, or kept
+        for chunk in (1, 5, 13, 64):  # blocks from one row to the whole matrix
             got = ops.attention_pagerank(lm.layers[1], captured["h"], captured["pe"], key_mask=mask.bool(), iters=4,
-                                         temperature=1.0, chunk=5, cache_bytes=cache_bytes)
+                                         temperature=1.0, chunk=chunk)
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
         # The layer's own q/k projections, captured as its attention computes them, give the same.
         layer = lm.layers[1]

@@ -38,8 +38,7 @@ class AIM(Method):
     tokens are physically dropped and keep their RoPE positions.
 
     Defaults: ``start_layer = 12 L / 32``, ``slope = 0.125 * 32 / L`` (so visual tokens are gone
-    from ``20 L / 32`` on), ``iters=5``, ``temperature=0.1``, ``cache_mb=256`` (the attention
-    matrix PageRank may keep; above it, it is recomputed per iteration); ``merged``: 252 of 576 (LLaVA-1.5)
+    from ``20 L / 32`` on), ``iters=5``, ``temperature=0.1``; ``merged``: 252 of 576 (LLaVA-1.5)
     without a budget. A ``budget`` solves ``merged`` for the default schedule, or, when no merge
     is needed, the slope.
 
@@ -58,9 +57,6 @@ class AIM(Method):
     slope: float | None = None
     iters: int = 5
     temperature: float = 0.1
-    # PageRank keeps a stage's n x n attention matrix while it fits in this many MB, and
-    # recomputes it at each iteration otherwise (memory bounded, 5x the q k^T).
-    cache_mb: int = 256
 
     def compile(self, info: ModelInfo, budget=None) -> Plan:
         n, num = info.image_tokens, info.num_layers
@@ -88,8 +84,7 @@ class AIM(Method):
         for j in range(start + 1, num):
             keep = round(merged * retain(j, start, slope))
             if keep < last:
-                options = (("iters", self.iters), ("temperature", self.temperature),
-                           ("cache_bytes", self.cache_mb * 2**20))
+                options = (("iters", self.iters), ("temperature", self.temperature))
                 scorer = Scorer("pagerank", (j - 1,), options=options)
                 stages.append(Stage(f"layer:{j}", scorer, keep, positions="keep"))
                 last = keep

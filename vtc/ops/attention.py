@@ -147,19 +147,21 @@ def attention_pagerank(
     key_mask: torch.Tensor | None = None,
     iters: int = 5,
     temperature: float = 0.1,
-    chunk: int = 256,
-    cache_bytes: int = 256 * 2**20,
+    chunk: int = 128,
     projections: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Token importance by PageRank over a decoder layer's own causal attention (AIM's rule).
 
     With ``M = softmax(q k^T / sqrt(d) / temperature)`` over keys (causal, ``key_mask``),
     all tokens as queries, per head: ``s <- s M`` from a uniform start, ``iters`` times; heads
-    are combined by root mean square. Returns ``[B, N]``. ``M`` is computed in blocks of
-    ``chunk`` query rows; when all of it fits in ``cache_bytes`` it is kept (one ``q k^T``,
-    ``2 N^2 h c`` FLOPs), otherwise recomputed at each iteration so memory stays
-    ``O(chunk N)`` per head (``iters`` times the ``q k^T``). ``projections``: the layer's
+    are combined by root mean square. Returns ``[B, N]``. ``projections``: the layer's
     ``q_proj``/``k_proj`` outputs, if its attention already computed them.
+
+    ``M`` is never held whole: it is computed once, in blocks of ``chunk`` query rows, so
+    memory is ``O(chunk N)`` per head and the cost one causal ``q k^T`` (``N^2 h c`` FLOPs).
+    This works because ``M`` is lower triangular: ``(s M)_j`` sums over rows ``i >= j`` only,
+    so with blocks taken from the last rows up, every iteration's scores of a block's rows are
+    complete when the block is reached, and all ``iters`` iterations use the block at once.
 
     Example:
         >>> from transformers import LlamaConfig
@@ -177,21 +179,19 @@ def attention_pagerank(
     with torch.no_grad():
         q, k = (t.float() for t in _rotated_qk(layer, hidden_states, position_embeddings, slice(None), projections))
         hd, heads, kv_heads = q.shape[-1], q.shape[1], k.shape[1]
-        q = q.view(bsz, kv_heads, heads // kv_heads, n, hd)
+        q = q.view(bsz, kv_heads, heads // kv_heads, n, hd) * (attn.scaling / temperature)
         k = k[:, :, None]  # [B, KV, 1, N, d]: shared by the query heads of its group
         valid = torch.ones(bsz, n, dtype=torch.bool, device=device) if key_mask is None else key_mask.bool()
-        scale = attn.scaling / temperature
+        padded = not bool(valid.all())
         positions = torch.arange(n, device=device)
 
-        q = q * scale  # on the small operand, not the n x n product
-        padded = not bool(valid.all())
-
         def block(rows: slice) -> torch.Tensor:
-            logits = torch.matmul(q[..., rows, :], k.transpose(-1, -2))  # [B, KV, G, c, N]
-            causal = positions[None] <= positions[rows, None]
+            """Rows ``rows`` of ``M``, over the keys up to the last of them: ``[B, KV, G, c, rows.stop]``."""
+            logits = torch.matmul(q[..., rows, :], k[..., : rows.stop, :].transpose(-1, -2))
+            keys = positions[: rows.stop]
             # Every query may see itself, so no row is empty (a padding query is zeroed below).
-            allowed = (causal[None] & valid[:, None, :]) | (positions[None] == positions[rows, None])[None]
-            allowed = allowed[:, None, None]
+            allowed = (keys[None] <= positions[rows, None])[None] & valid[:, None, : rows.stop]
+            allowed = (allowed | (keys[None] == positions[rows, None])[None])[:, None, None]
             # A softmax in place, written out for speed on CPUs: the low temperature spreads
             # logits far apart, and exp() of the very negative ones yields denormal floats (or
             # takes a slow path for -inf), many times slower. So logits are floored at e^-80 of
@@ -203,19 +203,12 @@ def attention_pagerank(
             # A padding query contributes nothing.
             return probs.mul_(valid[:, None, None, rows, None]) if padded else probs
 
-        # Keep the probabilities when they fit in ``cache_bytes``: then q k^T runs once, not per iteration.
-        if bsz * heads * n * n * 4 <= cache_bytes:
-            probs = block(slice(0, n))
-            s = q.new_full((bsz, kv_heads, heads // kv_heads, 1, n), 1.0 / n)
-            for _ in range(iters):
-                s = torch.matmul(s, probs)
-            s = s.squeeze(-2)
-        else:
-            blocks = [slice(start, min(n, start + chunk)) for start in range(0, n, chunk)]
-            s = q.new_full((bsz, kv_heads, heads // kv_heads, n), 1.0 / n)
-            for _ in range(iters):
-                new = torch.zeros_like(s)
-                for rows in blocks:
-                    new += torch.matmul(s[..., None, rows], block(rows)).squeeze(-2)
-                s = new
-        return s.view(bsz, heads, n).pow(2).mean(dim=1).sqrt()
+        # scores[t]: the scores after t iterations, filled in from the last rows up.
+        scores = [q.new_full((bsz, kv_heads, heads // kv_heads, n), 1.0 / n)]
+        scores += [torch.zeros_like(scores[0]) for _ in range(iters)]
+        for start in reversed(range(0, n, chunk)):
+            rows = slice(start, min(n, start + chunk))
+            m = block(rows)
+            for t in range(iters):
+                scores[t + 1][..., : rows.stop] += torch.matmul(scores[t][..., None, rows], m).squeeze(-2)
+        return scores[-1].view(bsz, heads, n).pow(2).mean(dim=1).sqrt()

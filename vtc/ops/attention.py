@@ -161,7 +161,8 @@ def attention_pagerank(
     memory is ``O(chunk N)`` per head and the cost one causal ``q k^T`` (``N^2 h c`` FLOPs).
     This works because ``M`` is lower triangular: ``(s M)_j`` sums over rows ``i >= j`` only,
     so with blocks taken from the last rows up, every iteration's scores of a block's rows are
-    complete when the block is reached, and all ``iters`` iterations use the block at once.
+    complete when the block is reached, and all ``iters`` iterations use the block at once
+    (one matrix product for its part left of the diagonal).
 
     Example:
         >>> from transformers import LlamaConfig
@@ -183,32 +184,47 @@ def attention_pagerank(
         k = k[:, :, None]  # [B, KV, 1, N, d]: shared by the query heads of its group
         valid = torch.ones(bsz, n, dtype=torch.bool, device=device) if key_mask is None else key_mask.bool()
         padded = not bool(valid.all())
-        positions = torch.arange(n, device=device)
-
-        def block(rows: slice) -> torch.Tensor:
-            """Rows ``rows`` of ``M``, over the keys up to the last of them: ``[B, KV, G, c, rows.stop]``."""
+        def block(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            """Rows ``rows`` of ``M`` over the keys up to the last of them, unnormalized
+            (``[B, KV, G, c, rows.stop]``), and their sums."""
             logits = torch.matmul(q[..., rows, :], k[..., : rows.stop, :].transpose(-1, -2))
-            keys = positions[: rows.stop]
-            # Every query may see itself, so no row is empty (a padding query is zeroed below).
-            allowed = (keys[None] <= positions[rows, None])[None] & valid[:, None, : rows.stop]
-            allowed = (allowed | (keys[None] == positions[rows, None])[None])[:, None, None]
-            # A softmax in place, written out for speed on CPUs: the low temperature spreads
-            # logits far apart, and exp() of the very negative ones yields denormal floats (or
-            # takes a slow path for -inf), many times slower. So logits are floored at e^-80 of
-            # the row's largest (a change below float precision) and masked keys zeroed after.
-            logits.masked_fill_(~allowed, -1e30)
-            logits.sub_(logits.amax(dim=-1, keepdim=True)).clamp_min_(-80.0)
-            probs = logits.exp_().mul_(allowed)
-            probs.div_(probs.sum(dim=-1, keepdim=True))
-            # A padding query contributes nothing.
-            return probs.mul_(valid[:, None, None, rows, None]) if padded else probs
+            # Keys before the block are all visible to its rows: only the block's own square
+            # needs the causal mask (and every key column the padding mask).
+            future = torch.ones(rows.stop - rows.start, rows.stop - rows.start, dtype=torch.bool,
+                                device=device).triu_(1)
+            square = logits[..., rows.start:]
+            square.masked_fill_(future, -1e30)
+            keys = valid[:, None, None, None, : rows.stop]
+            if padded:
+                logits.masked_fill_(~keys, -1e30)
+            # A softmax written out for speed on CPUs: the low temperature spreads logits far
+            # apart, and exp() of the very negative ones yields denormal floats, many times
+            # slower. So logits are floored at e^-80 of the row's largest (a change below float
+            # precision), and masked keys are zeroed after the exponential.
+            probs = logits.sub_(logits.amax(dim=-1, keepdim=True)).clamp_min_(-80.0).exp_()
+            square.masked_fill_(future, 0.0)
+            if padded:
+                probs.mul_(keys)
+            return probs, probs.sum(dim=-1)
 
         # scores[t]: the scores after t iterations, filled in from the last rows up.
         scores = [q.new_full((bsz, kv_heads, heads // kv_heads, n), 1.0 / n)]
         scores += [torch.zeros_like(scores[0]) for _ in range(iters)]
         for start in reversed(range(0, n, chunk)):
             rows = slice(start, min(n, start + chunk))
-            m = block(rows)
+            m, total = block(rows)
+            # Normalize on the small side: each row's weight, not the block. A padding query
+            # (no visible key) contributes nothing.
+            weight = torch.where(valid[:, None, None, rows], 1.0 / total.clamp_min(1e-30), 0.0)
+            # Within the block's own square the iterations depend on each other: one at a time.
+            # Its contributions to earlier keys do not feed back into the block: all at once.
+            square, before = m[..., start:], m[..., :start]
+            weights = []
             for t in range(iters):
-                scores[t + 1][..., : rows.stop] += torch.matmul(scores[t][..., None, rows], m).squeeze(-2)
+                weights.append(scores[t][..., rows] * weight)
+                scores[t + 1][..., rows] += torch.matmul(weights[-1][..., None, :], square).squeeze(-2)
+            if start:
+                spread = torch.matmul(torch.stack(weights, dim=-2), before)  # [B, KV, G, iters, start]
+                for t in range(iters):
+                    scores[t + 1][..., :start] += spread[..., t, :]
         return scores[-1].view(bsz, heads, n).pow(2).mean(dim=1).sqrt()

@@ -46,17 +46,23 @@ def method_cases() -> list[str]:
     return sorted(METHODS)
 
 
+def applies(backend: tuple, case: str) -> bool:
+    """Whether a case's method runs on a backend's family: ``pool`` needs a square token grid
+    (not tiled images), ``hired`` LLaVA-NeXT's tile regions. The refusals are tested in
+    tests/test_families.py."""
+    family = backend[2] if len(backend) > 2 else "llava"
+    method = METHODS[case][0]
+    names = method if isinstance(method, list) else method.split("+")
+    return not ("pool" in names and family in TILED) and not ("hired" in names and family != "llava_next")
+
+
 def case_args(model, case: str) -> tuple:
     """``(method, params)`` of a case for ``model``. The cases count tokens of the 16-token
     LLaVA images; on a tiled family (images of 32 to 88 tokens, a nominal image larger still)
     counts become the same fractions of each image."""
     method, params = METHODS[case]
-    if method == "hired" and model.config.model_type != "llava_next":
-        pytest.skip("hired needs the tiles' regions: LLaVA-NeXT only (refusals in tests/test_errors.py)")
     if model.config.model_type not in TILED:
         return method, params
-    if "pool" in (method if isinstance(method, list) else method.split("+")):
-        pytest.skip("pool needs a square token grid; tiled families refuse it (tests/test_errors.py)")
     n = 16  # tokens of a tiny LLaVA image
     params = {k: v / n if k in ("budget", "keep", "merged") and isinstance(v, int) else v for k, v in params.items()}
     if "counts" in params.get("schedule", {}):

@@ -9,15 +9,28 @@ import vtc
 from vtc.registry import get_adapter
 from vtc.testing import join_inputs, split_inputs, tiny_inputs
 
-from .conftest import BACKENDS, FAMILIES, case_args, case_kwargs, greedy, method_cases, use_model
+from .conftest import BACKENDS, FAMILIES, applies, case_args, case_kwargs, greedy, method_cases, use_model
 from .reference import reference_logits, survivors
 
 CASES = method_cases()
 
 
-@pytest.fixture(params=BACKENDS + FAMILIES, ids=lambda b: "-".join(b))
+def pytest_generate_tests(metafunc):
+    """The matrix: every backend and model family, with every case (or those a test's
+    ``cases`` mark names) that applies to it."""
+    if "model" not in metafunc.fixturenames:
+        return
+    backends = BACKENDS + FAMILIES
+    if "case" not in metafunc.fixturenames:
+        metafunc.parametrize("model", backends, ids=["-".join(b) for b in backends], indirect=True)
+        return
+    marker = metafunc.definition.get_closest_marker("cases")
+    pairs = [(b, c) for b in backends for c in (marker.args[0] if marker else CASES) if applies(b, c)]
+    metafunc.parametrize(("model", "case"), pairs, ids=[f"{'-'.join(b)}-{c}" for b, c in pairs], indirect=["model"])
+
+
+@pytest.fixture
 def model(request):
-    """The matrix runs on every backend and every model family."""
     yield from use_model(request)
 
 
@@ -26,7 +39,7 @@ def full_budget(model) -> int:
     return get_adapter(model).info().image_tokens
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c not in ("schedule", "gsearch")])  # no budget
+@pytest.mark.cases([c for c in CASES if c not in ("schedule", "gsearch")])  # no budget
 def test_full_budget_is_identity(model, inputs, case):
     method, params = case_args(model, case)
     params = {k: v for k, v in params.items() if k not in ("budget", "keep", "ratio", "merged", "slope")}
@@ -74,13 +87,11 @@ def _check_against_reference(model, inputs, case, position_ids=None):
     return stats
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_drop_equals_mask(model, inputs, case):
     stats = _check_against_reference(model, inputs, case)
     assert stats.equivalent_tokens < stats.image_tokens
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_drop_equals_mask_two_images_padded(model, case):
     inputs = tiny_inputs(model, batch=2, images=2, pad=[0, 3], seed=1)
     pos = (inputs["attention_mask"].cumsum(1) - 1).clamp_min(0)
@@ -89,7 +100,6 @@ def test_drop_equals_mask_two_images_padded(model, case):
     assert all(len(v) == 4 for v in stats.kept.values())  # two samples of two images
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_cached_generation_equals_recomputation(model, case):
     inputs = tiny_inputs(model, batch=2, pad=[2, 0], seed=2)
     vtc.apply(model, **case_kwargs(model, case))
@@ -125,14 +135,12 @@ def batch_equals_single_samples(model, batch, singles, case):
         vtc.remove(model)
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_padded_batch_equals_single_samples(model, case):
     batch = tiny_inputs(model, batch=2, pad=[3, 0], seed=4)
     batch_equals_single_samples(model, batch, split_inputs(model, batch), case)
 
 
 @pytest.mark.parametrize("text", [12, 28], ids=["padded", "unpadded"])
-@pytest.mark.parametrize("case", CASES)
 def test_batch_of_samples_with_different_image_counts(model, case, text):
     # The samples keep different numbers of rows: the shorter is padded at every stage. With
     # 28 text tokens the prompts are equally long: there is no padding, and no mask, to start from.
@@ -141,7 +149,6 @@ def test_batch_of_samples_with_different_image_counts(model, case, text):
     batch_equals_single_samples(model, batch, [one, two], case)
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_prompt_without_image_is_unchanged(model, case):
     ids = torch.randint(3, model.config.image_token_id, (1, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -152,7 +159,6 @@ def test_prompt_without_image_is_unchanged(model, case):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_remove_restores_exactly(model, inputs, case):
     keys = set(model.state_dict())
     attrs = {id(m): set(m.__dict__) for m in model.modules()}
@@ -182,7 +188,7 @@ def test_apply_twice_is_refused(model):
         vtc.remove(model)
 
 
-@pytest.mark.parametrize("case", ["fastv", "vtc_cls"])
+@pytest.mark.cases(["fastv", "vtc_cls"])
 def test_beam_search_and_several_returns(model, case):
     inputs = tiny_inputs(model, batch=2, pad=[0, 2], seed=5)
     with vtc.compressed(model, **case_kwargs(model, case)):
@@ -202,7 +208,6 @@ def test_from_pretrained_applies_and_routes_parameters(tmp_path):
     assert model.dtype == torch.float32 and not model.training
 
 
-@pytest.mark.parametrize("case", CASES)
 def test_vision_tower_runs_once_per_prefill(model, inputs, case):
     calls = []
     handle = model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
@@ -217,7 +222,7 @@ def test_vision_tower_runs_once_per_prefill(model, inputs, case):
         handle.remove()
 
 
-@pytest.mark.parametrize("case", ["fastv", "aim"])
+@pytest.mark.cases(["fastv", "aim"])
 def test_scoring_at_an_earlier_layer_reuses_its_projections(model, inputs, case):
     # FastV and AIM score a stage with the previous layer's attention: its own q/k projections
     # are captured, not computed a second time.

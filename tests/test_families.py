@@ -163,3 +163,23 @@ def test_cost_records_of_an_unpatched_tiled_model_count_each_image():
     assert record["images"] == 2 and record["equivalent_tokens"] == sum(sizes) / 2
     assert record["flops"] == vtc.flops.prefill_flops(get_adapter(model).info(), None,
                                                       inputs["input_ids"].shape[1] - sum(sizes), sizes)
+
+
+def test_padding_slots_are_masked_in_every_mask_form():
+    from vtc.patches.decoder import mask_columns
+
+    valid = torch.tensor([[False, True, True]])
+    rows = torch.tensor([[1, 1, 2]])  # a padding slot repeating row 1, then rows 1 and 2
+    built = mask_columns(None, valid, rows, flash=False)[0, 0]
+    # Causal by original row, never the padding slot as a key; as a query the slot sees what
+    # its row sees (its output is never used, its row is just not empty).
+    assert built.tolist() == [[True, True, False], [False, True, False], [False, True, True]]
+    causal = torch.ones(3, 3, dtype=torch.bool).tril()[None, None]
+    assert mask_columns(causal, valid, rows, flash=False)[0, 0, :, 0].tolist() == [False] * 3
+    additive = torch.zeros(1, 1, 3, 3)
+    assert bool((mask_columns(additive, valid, rows, flash=False)[..., 0] == torch.finfo(torch.float32).min).all())
+    assert mask_columns(torch.ones(1, 3, dtype=torch.long), valid, rows, flash=True).tolist() == [[0, 1, 1]]
+    assert mask_columns(None, valid, rows, flash=True).tolist() == [[0, 1, 1]]
+    # A decode step: two new tokens after the prompt, one query row.
+    step = mask_columns(None, valid, rows, flash=False, new=2, queries=1)[0, 0]
+    assert step.tolist() == [[False, True, True, True, True]]

@@ -34,3 +34,10 @@ def test_bad_budget_exits_2_with_a_message(capsys):
 def test_unknown_command_fails():
     with pytest.raises(SystemExit):
         main(["nope"])
+
+
+def test_demo_runs_every_method_that_applies(capsys):
+    assert main(["demo", "--width", "32", "--rounds", "1", "--budget", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "skipping hired" in out  # LLaVA-1.5 has no tiles
+    assert all(f"\n{m} " in out for m in ("aim", "fastv", "vtc_cls", "tome"))

@@ -1,7 +1,8 @@
 """What every adapter shares: reversible instance patching and the execution of a plan.
 
-An adapter subclass knows one model family (where the vision tower, the image
-placeholders and the decoder layers are); :class:`Installation` executes any plan on it:
+An adapter (:class:`~vtc.patches.adapter.Adapter`) knows one model family (where the vision
+tower, the image placeholders and the decoder layers are); :class:`Installation` executes
+any plan on it:
 
 * ``vision`` stages run in a wrapper of the base model's ``forward``: the image features and
   their placeholders are reduced together (``input_ids``, ``attention_mask`` and
@@ -21,7 +22,7 @@ import copy
 import dataclasses
 import functools
 import inspect
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,117 +30,15 @@ from torch import nn
 from vtc import ops
 from vtc.errors import UnsupportedConfigurationError, VtcError
 from vtc.flops import Stats, make_stats
-from vtc.plan import ModelInfo, Plan, Stage
+from vtc.plan import Plan, Stage
 from vtc.reduce import reduce_vision, resized
 
+from .adapter import Adapter
 from .decoder import LayerStages, SequenceState
 
 _MISSING = object()
 # Set on the vision output: per pooler_output entry, {"cls(<layers>)": [N], "keys<L>": [N, C], layout...}.
 SIGNALS_ATTR = "vtc_signals"
-
-
-class Adapter:
-    """Knows one model family. Subclasses fill in the family-specific lookups.
-
-    ``class_names`` and ``model_types`` say which models it serves; the lookups return
-    the loaded model's own modules.
-    """
-
-    family: ClassVar[str] = ""
-    class_names: ClassVar[tuple[str, ...]] = ()
-    model_types: ClassVar[tuple[str, ...]] = ()
-    # Whether :meth:`layout` gives per-token facts (then image encoding is always wrapped).
-    has_layout: ClassVar[bool] = False
-    # Parameters of the base forward the wrapper reads or rewrites.
-    forward_params: ClassVar[tuple[str, ...]] = (
-        "input_ids", "pixel_values", "attention_mask", "position_ids", "cache", "inputs_embeds",
-        "mm_encoder_outputs",
-    )
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        return type(model).__name__ in cls.class_names or model_type in cls.model_types
-
-    # -- family-specific lookups (defaults: transformers 5.x's ``*ForConditionalGeneration``
-    # layout, ``model.model`` holding ``vision_tower`` and ``language_model``) ------------
-    def base(self) -> nn.Module:
-        """The module whose ``forward`` merges image features into the sequence."""
-        return self.model.model
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.base().language_model.layers
-
-    def rotary(self) -> nn.Module:
-        return self.base().language_model.rotary_emb
-
-    def vision_attention(self, layer: int) -> nn.Module:
-        raise NotImplementedError
-
-    def info(self) -> ModelInfo:
-        raise NotImplementedError
-
-    def text_sizes(self) -> dict:
-        """The language model's sizes, as :class:`~vtc.plan.ModelInfo` fields."""
-        t = getattr(self.model.config, "text_config", self.model.config)
-        return {
-            "num_layers": t.num_hidden_layers,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_heads": t.num_attention_heads,
-            "num_kv_heads": getattr(t, "num_key_value_heads", None) or t.num_attention_heads,
-            "head_dim": getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads,
-        }
-
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
-
-    def pad_token_id(self) -> int:
-        """A token id that is not the image placeholder, for padding a shortened batch."""
-        pad = getattr(getattr(self.model.config, "text_config", self.model.config), "pad_token_id", None)
-        return pad if pad is not None and pad != self.image_token_id else int(self.image_token_id == 0)
-
-    def attention_implementation(self) -> str:
-        cfg = getattr(self.model.config, "text_config", self.model.config)
-        return getattr(cfg, "_attn_implementation", None) or "sdpa"
-
-    def encode_images(self, arguments: dict) -> Any:
-        """Run the vision tower for the base forward's ``arguments``, as that forward does when
-        given ``pixel_values``; returns the encoder's output object."""
-        encode = self.base().get_image_features
-        takes = inspect.signature(encode).parameters
-        names = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
-        return encode(**{k: arguments[k] for k in names if k in takes and k in arguments},
-                      **{**arguments.get("kwargs", {}), "return_dict": True})
-
-    def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
-        """Map a per-token tower quantity ``[tower images, tower tokens, ...]`` (a [CLS] attention
-        row, keys) to the feature entries the LLM receives (one per ``pooler_output`` entry),
-        each with one value per feature token."""
-        raise NotImplementedError
-
-    def layout(self, arguments: dict) -> list[dict[str, torch.Tensor]] | None:
-        """Per ``pooler_output`` entry, structural facts about its tokens that plans use (e.g.
-        ``protected``: tokens kept at every stage), computed from the encoder's ``arguments``;
-        None if the family has none."""
-        return None
-
-    def image_lengths(self, entries: list[torch.Tensor], image_mask: torch.Tensor) -> list[int]:
-        """Tokens of each image, in order, given the encoder's ``pooler_output`` entries (one per
-        image unless a family overrides this) and the placeholder mask."""
-        return [e.shape[0] for e in entries]
-
-    def pooler_output(self, feats: list[torch.Tensor]) -> Any:
-        """The ``pooler_output`` the model's forward expects, from reduced per-image features."""
-        return feats
-
-    def vision_hidden_size(self) -> int:
-        return 0
 
 
 class Installation:

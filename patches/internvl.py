@@ -15,7 +15,7 @@ import torch
 from vtc.plan import ModelInfo
 from vtc.registry import register_adapter
 
-from .base import Adapter
+from .adapter import Adapter
 from .llava import feature_layer_index
 
 

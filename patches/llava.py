@@ -8,7 +8,7 @@ import torch
 from vtc.plan import ModelInfo
 from vtc.registry import register_adapter
 
-from .base import Adapter
+from .adapter import Adapter
 
 
 def feature_layer_index(feature_layer: int, num_layers: int) -> int:

@@ -83,14 +83,13 @@ class GenerateMeter:
             return {"images": st.images, "tokens_entering_llm": st.tokens_entering_llm,
                     "equivalent_tokens": st.equivalent_tokens, "flops": st.flops, "flops_full": st.flops_full}
         from vtc.flops import prefill_flops
-        from vtc.patches.internvl import placeholder_runs
         from vtc.registry import get_adapter
 
         info = get_adapter(self.model).info()
         ids = inputs["input_ids"][:1]
         placeholders = ids == self.model.config.image_token_id
         # Tiled images differ in size: each is a run of placeholders (the first sample's).
-        sizes = placeholder_runs(placeholders) if info.tiled else \
+        sizes = [rows.numel() for _, rows in vtc.ops.runs(placeholders)] if info.tiled else \
             [info.image_tokens] * (int(placeholders.sum()) // info.image_tokens)
         text = ids.shape[1] - sum(sizes)
         flops = prefill_flops(info, None, text, sizes)

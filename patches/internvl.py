@@ -12,28 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from vtc import ops
 from vtc.plan import ModelInfo
 from vtc.registry import register_adapter
 
 from .adapter import Adapter
 from .llava import feature_layer_index
-
-
-def placeholder_runs(image_mask: torch.Tensor) -> list[int]:
-    """Lengths of the runs of consecutive placeholders, sample by sample.
-
-    Example:
-        >>> placeholder_runs(torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 0, 0]]).bool())
-        [2, 1, 3]
-    """
-    runs = []
-    for row in image_mask:
-        at = row.nonzero()[:, 0]
-        if at.numel():
-            breaks = (at[1:] != at[:-1] + 1).nonzero()[:, 0] + 1
-            edges = [0, *breaks.tolist(), at.numel()]
-            runs += [b - a for a, b in zip(edges[:-1], edges[1:])]
-    return runs
 
 
 @register_adapter
@@ -85,7 +69,7 @@ class InternVLAdapter(Adapter):
 
     def image_lengths(self, entries: list[torch.Tensor], image_mask: torch.Tensor) -> list[int]:
         # Entries are tiles; an image is a run of placeholders.
-        return placeholder_runs(image_mask)
+        return [rows.numel() for _, rows in ops.runs(image_mask)]
 
     def pooler_output(self, feats: list[torch.Tensor]):
         return torch.cat(feats)[None]

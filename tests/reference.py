@@ -9,17 +9,7 @@ from __future__ import annotations
 import torch
 
 import vtc
-
-
-def image_runs(input_ids: torch.Tensor, token: int) -> list[tuple[int, torch.Tensor]]:
-    """Each image of a batch as (sample, its placeholder rows): runs of consecutive placeholders."""
-    runs = []
-    for b in range(input_ids.shape[0]):
-        rows = (input_ids[b] == token).nonzero()[:, 0]
-        if rows.numel():
-            breaks = (rows[1:] != rows[:-1] + 1).nonzero()[:, 0] + 1
-            runs += [(b, r) for r in torch.tensor_split(rows, breaks.tolist())]
-    return runs
+from vtc import ops
 
 
 def survivors(model, input_ids: torch.Tensor, plan: vtc.Plan, kept: dict) -> list[tuple[int, list, bool]]:
@@ -28,13 +18,13 @@ def survivors(model, input_ids: torch.Tensor, plan: vtc.Plan, kept: dict) -> lis
     ``kept`` is ``vtc.stats(model).kept``: surviving grid indices of each image, in order.
     """
     token = model.config.image_token_id
-    runs = image_runs(input_ids, token)
+    image_runs = ops.runs(input_ids == token)
     out = []
     for stage in plan.stages:
         if stage.where not in kept:  # skipped: it kept every token
             continue
         rows = [(input_ids[b] != token).nonzero()[:, 0] for b in range(input_ids.shape[0])]
-        for (b, placeholders), grid in zip(runs, kept[stage.where], strict=True):
+        for (b, placeholders), grid in zip(image_runs, kept[stage.where], strict=True):
             rows[b] = torch.cat([rows[b], placeholders[grid]])
         out.append((stage.layer or 0, [r.sort().values for r in rows], stage.positions == "compact"))
     return out

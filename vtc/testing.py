@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from vtc.ops import runs
+
 
 def tiny_llava(
     *,
@@ -36,18 +38,15 @@ def tiny_llava(
 
     The image token is the last vocabulary id; ``(image_size // patch_size) ** 2`` tokens per image.
     """
-    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
         num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
     )
-    text = AutoConfig.for_model(
-        text_model, hidden_size=hidden, intermediate_size=intermediate or hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-        max_position_embeddings=8192, pad_token_id=0,
-    )
+    text = _text_config(text_model, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads,
+                        kv_heads=kv_heads, vocab=vocab)
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=vocab - 1,
         image_seq_length=(image_size // patch_size) ** 2,
@@ -75,14 +74,6 @@ def tiny_model(family: str = "llava", **kwargs):
     return builders[family](**kwargs)
 
 
-def _image_runs(row: torch.Tensor, token: int) -> list[int]:
-    at = (row == token).nonzero()[:, 0]
-    if not at.numel():
-        return []
-    breaks = [0, *((at[1:] != at[:-1] + 1).nonzero()[:, 0] + 1).tolist(), at.numel()]
-    return [b - a for a, b in zip(breaks[:-1], breaks[1:])]
-
-
 def split_inputs(model, inputs: dict) -> list[dict]:
     """Each sample of a batch made by :func:`tiny_inputs` or :func:`tiled_inputs` on its own, unpadded.
 
@@ -92,10 +83,10 @@ def split_inputs(model, inputs: dict) -> list[dict]:
         [torch.Size([1, 30]), torch.Size([1, 28])]
     """
     cfg = model.config
-    token = cfg.image_token_id
-    runs = [_image_runs(row, token) for row in inputs["input_ids"]]
     # How many entries of pixel_values each image takes: one, or (InternVL) one per tile.
-    per_image = [[n // cfg.image_seq_length if cfg.model_type == "internvl" else 1 for n in r] for r in runs]
+    per_image = [[] for _ in inputs["input_ids"]]
+    for b, rows in runs(inputs["input_ids"] == cfg.image_token_id):
+        per_image[b].append(rows.numel() // cfg.image_seq_length if cfg.model_type == "internvl" else 1)
     out, start = [], 0
     for b, sizes in enumerate(per_image):
         real = inputs["attention_mask"][b].bool()

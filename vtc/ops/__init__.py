@@ -16,7 +16,7 @@ Example:
 from .attention import apply_rope, attention_pagerank, cls_attention, query_attention, rotate_half
 from .merge import bipartite_soft_matching, merge_weighted
 from .reduce import dominant_and_context, hired_select, merge_to, pool_grid, share
-from .select import gather_tokens, left_pad, topk_keep
+from .select import gather_tokens, left_pad, runs, topk_keep
 
 __all__ = [
     "apply_rope",
@@ -32,6 +32,7 @@ __all__ = [
     "pool_grid",
     "query_attention",
     "rotate_half",
+    "runs",
     "share",
     "topk_keep",
 ]

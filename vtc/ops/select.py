@@ -61,3 +61,20 @@ def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     pad = torch.arange(width, device=out.device)[None] < torch.tensor([width - r.numel() for r in rows],
                                                                        device=out.device)[:, None]
     return out, pad
+
+
+def runs(mask: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """Each run of consecutive True entries of a 2-D mask, row by row: ``(row, its indices)``.
+    An image's placeholders in a prompt are such a run.
+
+    Example:
+        >>> [(b, r.tolist()) for b, r in runs(torch.tensor([[0, 1, 1, 0, 1], [1, 1, 0, 0, 0]]).bool())]
+        [(0, [1, 2]), (0, [4]), (1, [0, 1])]
+    """
+    out = []
+    for b, row in enumerate(mask):
+        at = row.nonzero()[:, 0]
+        if at.numel():
+            breaks = (at[1:] != at[:-1] + 1).nonzero()[:, 0] + 1
+            out += [(b, r) for r in torch.tensor_split(at, breaks.tolist())]
+    return out

@@ -99,6 +99,15 @@ class Adapter:
         each with one value per feature token."""
         raise NotImplementedError
 
+    def feature_strategy(self, arguments: dict) -> str:
+        """The encoder call's ``vision_feature_select_strategy``, or the config's."""
+        return arguments.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+
+    def without_cls(self, per_token: torch.Tensor, arguments: dict) -> torch.Tensor:
+        """The tower tokens that become features: ``"default"`` drops the [CLS] token, ``"full"``
+        keeps it."""
+        return per_token[:, 1:] if self.feature_strategy(arguments) == "default" else per_token
+
     def layout(self, arguments: dict) -> list[dict[str, torch.Tensor]] | None:
         """Per ``pooler_output`` entry, structural facts about its tokens that plans use (e.g.
         ``protected``: tokens kept at every stage), computed from the encoder's ``arguments``;

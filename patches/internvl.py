@@ -54,8 +54,7 @@ class InternVLAdapter(Adapter):
 
     def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
         cfg = self.model.config
-        strategy = arguments.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
-        tokens = per_token[:, 1:] if strategy == "default" else per_token
+        tokens = self.without_cls(per_token, arguments)
         scalar = tokens.dim() == 2
         if scalar:
             tokens = tokens[..., None]

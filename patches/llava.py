@@ -63,6 +63,4 @@ class LlavaAdapter(Adapter):
         return self.model.config.vision_config.hidden_size
 
     def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
-        strategy = arguments.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
-        # "default" drops the [CLS] token from the features; "full" keeps it.
-        return list(per_token[:, 1:] if strategy == "default" else per_token)
+        return list(self.without_cls(per_token, arguments))

@@ -54,14 +54,13 @@ class LlavaNextAdapter(LlavaAdapter):
         ends filled with ``fill``."""
         sizes = arguments["image_sizes"]
         parts = list(per_tile.split(self._tiles(sizes)))
-        strategy = arguments.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
         newline = per_tile.new_full((per_tile.shape[-1],), fill)
-        packed, _ = self.base().pack_image_features(parts, sizes, strategy, image_newline=newline)
+        packed, _ = self.base().pack_image_features(parts, sizes, self.feature_strategy(arguments),
+                                                    image_newline=newline)
         return packed
 
     def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
-        strategy = arguments.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
-        tokens = per_token[:, 1:] if strategy == "default" else per_token
+        tokens = self.without_cls(per_token, arguments)
         if tokens.dim() == 2:  # a score per token
             return [p[:, 0] for p in self._pack(tokens[..., None], arguments)]
         return self._pack(tokens, arguments)

@@ -182,12 +182,13 @@ class Installation:
             for im in images:
                 keep[im.sample] = torch.cat([keep[im.sample], im.rows[im.index]])
             rows, pad = ops.left_pad([r.sort().values for r in keep])
-            self._reduce_inputs(a, rows, pad, compact)
+            ragged = bool(pad.any())  # samples shortened unequally
+            self._reduce_inputs(a, rows, pad, ragged, compact)
             out = copy.copy(out)
             out.pooler_output = self.adapter.pooler_output([im.feats for im in images])
             real = (~pad).sum(dim=1, keepdim=True)
-            self._vision = {"rows": rows, "valid": ~pad, "length": total, "dropped": total - real,
-                            "compact": compact, "reduced": rows.shape[1]}
+            self._vision = {"rows": rows, "valid": ~pad, "ragged": ragged, "length": total,
+                            "dropped": total - real, "compact": compact}
             image_of = ops.gather_tokens(image_of, rows).masked_fill(pad, -2)
             grid_of = ops.gather_tokens(grid_of, rows)
             protected = ops.gather_tokens(protected, rows) & ~pad
@@ -269,7 +270,7 @@ class Installation:
                 im.feats, im.index = reduced[j], im.index[local[j]]
         return [im.index for im in images]
 
-    def _reduce_inputs(self, a: dict, rows: torch.Tensor, pad: torch.Tensor, compact: bool) -> None:
+    def _reduce_inputs(self, a: dict, rows: torch.Tensor, pad: torch.Tensor, ragged: bool, compact: bool) -> None:
         """Gather the sequence inputs to ``rows`` (``pad``: slots that fill a shortened sample, masked
         out); always pass a mask (gapped positions need one)."""
         ids = a["input_ids"]
@@ -277,7 +278,6 @@ class Installation:
         if mask is None:
             mask = torch.ones_like(ids)
         pos = a["position_ids"]
-        ragged = bool(pad.any())
         if pos is None and (ragged or not compact):
             pos = torch.arange(ids.shape[1], device=ids.device)[None]
         if pos is not None:
@@ -320,14 +320,14 @@ class Installation:
         self._step = {"state": self._seq}
         ids = a["input_ids"] if a["input_ids"] is not None else a["inputs_embeds"]
         # Tokens after the prompt, this step's included (the LLM's prompt is the reduced one).
-        prompt = self._seq.length if self._seq is not None else (self._vision or {}).get("reduced", 0)
+        v = self._vision
+        prompt = self._seq.length if self._seq is not None else v["rows"].shape[1] if v is not None else 0
         new = a["cache"].get_seq_length() - prompt + ids.shape[1]
         self._step["new"] = new
-        v = self._vision
         if v is None:
             return
         mask = a["attention_mask"]
-        if mask is None and not bool(v["valid"].all()):
+        if mask is None and v["ragged"]:
             # The samples were shortened unequally: the padding slots must stay masked.
             a["attention_mask"] = torch.cat([v["valid"].long(), v["valid"].new_ones(ids.shape[0], new).long()], 1)
         elif mask is not None:

@@ -66,10 +66,10 @@ class SequenceState:
     grid_of: torch.Tensor | None = None
     # Rows kept at every stage (LLaVA-NeXT's row ends), or None.
     protected: torch.Tensor | None = None
-    # For decode: the rows each layer kept, which of them are real, and by how much compact
-    # stages moved positions (per sample).
+    # For decode: the rows each layer kept, which of them are real when some are padding slots
+    # (None when none are), and by how much compact stages moved positions (per sample).
     layer_rows: dict[int, torch.Tensor] = field(default_factory=dict)
-    layer_valid: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_valid: dict[int, torch.Tensor | None] = field(default_factory=dict)
     layer_shift: dict[int, torch.Tensor | int] = field(default_factory=dict)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     kept: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -246,7 +246,9 @@ class LayerStages:
         else:
             cos, sin = (ops.gather_tokens(t, keep) for t in kwargs["position_embeddings"])
         mask = gather_mask(kwargs.get("attention_mask"), keep, keep)
-        if bool(pad.any()):
+        # Padding slots last until the next stage, which drops them (and may pad anew).
+        slots = bool(pad.any())
+        if slots:
             mask = mask_columns(mask, state.key_valid, state.rows, self.flash)
         state.overrides = {"position_embeddings": (cos, sin), "position_ids": pos, "attention_mask": mask}
         kwargs.update(state.overrides)
@@ -255,7 +257,7 @@ class LayerStages:
             shift = shift + (valid_before.sum(dim=1, keepdim=True) - state.key_valid.sum(dim=1, keepdim=True))
         for later in range(index, len(self.layers)):
             state.layer_rows[later] = state.rows
-            state.layer_valid[later] = state.key_valid
+            state.layer_valid[later] = state.key_valid if slots else None
             state.layer_shift[later] = shift
         if args:
             args = (hidden, *args[1:])
@@ -300,7 +302,7 @@ class LayerStages:
             return None
         rows, valid = state.layer_rows[index], state.layer_valid[index]
         mask = kwargs.get("attention_mask")
-        if mask is not None or not bool(valid.all()):
+        if mask is not None or valid is not None:
             # Layers between two stages share their survivors: make their mask once per step.
             masks = step.setdefault("masks", {})
             if id(rows) not in masks:
@@ -308,7 +310,7 @@ class LayerStages:
                 if mask is not None:
                     new = torch.arange(state.length, mask.shape[-1], device=rows.device).expand(rows.shape[0], -1)
                     mask = gather_mask(mask, None, torch.cat([rows, new], dim=1))
-                if not bool(valid.all()):
+                if valid is not None:
                     mask = mask_columns(mask, valid, rows, self.flash, new=step["new"], queries=hidden.shape[1])
                 masks[id(rows)] = mask
             kwargs["attention_mask"] = masks[id(rows)]

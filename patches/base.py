@@ -165,16 +165,7 @@ class Installation:
         kept: dict[str, list[torch.Tensor]] = {}
         for i, stage in enumerate(self.vision_stages):
             kept[stage.where] = self._reduce_images(i, stage, images)
-        # Every image row, in the LLM's input: which image (global index), where in its token
-        # grid, and whether it is protected; text rows -1 / 0 / False.
-        image_of = torch.full_like(ids, -1)
-        grid_of = torch.zeros_like(ids)
-        protected = torch.zeros_like(ids, dtype=torch.bool)
-        for g, im in enumerate(images):
-            image_of[im.sample, im.rows] = g
-            grid_of[im.sample, im.rows] = torch.arange(im.rows.numel(), device=ids.device)
-            if im.protected is not None:
-                protected[im.sample, im.rows] = im.protected
+        rows = pad = None
         if self.vision_stages:
             compact = any(s.positions == "compact" for s in self.vision_stages)
             # Each sample keeps its text and its images' surviving placeholders.
@@ -189,13 +180,15 @@ class Installation:
             real = (~pad).sum(dim=1, keepdim=True)
             self._vision = {"rows": rows, "valid": ~pad, "ragged": ragged, "length": total,
                             "dropped": total - real, "compact": compact}
-            image_of = ops.gather_tokens(image_of, rows).masked_fill(pad, -2)
-            grid_of = ops.gather_tokens(grid_of, rows)
-            protected = ops.gather_tokens(protected, rows) & ~pad
         # Hand over the features computed here, so the original forward does not encode again.
         mm["image"] = out
         a["mm_encoder_outputs"], a["pixel_values"] = mm, None
         if self.layer_stages.stages:
+            image_of, grid_of, protected = self._row_maps(ids, images)
+            if rows is not None:  # to the rows the vision stages kept
+                image_of = ops.gather_tokens(image_of, rows).masked_fill(pad, -2)
+                grid_of = ops.gather_tokens(grid_of, rows)
+                protected = ops.gather_tokens(protected, rows) & ~pad
             new_ids, mask = a["input_ids"], a["attention_mask"]
             first = len(self.vision_stages)
             self._seq = SequenceState(
@@ -214,6 +207,20 @@ class Installation:
         sizes = [im.size for im in images if im.sample == 0]
         text = total - sum(sizes)
         self.last_stats = make_stats(self.info, self.active_plan, text, sizes, kept, self.adapter.vision_hidden_size())
+
+    @staticmethod
+    def _row_maps(ids: torch.Tensor, images: list[Image]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For every row of the prompt: which image it is in (global index, -1 for text), where in
+        that image's tokens, and whether it is protected."""
+        image_of = torch.full_like(ids, -1)
+        grid_of = torch.zeros_like(ids)
+        protected = torch.zeros_like(ids, dtype=torch.bool)
+        for g, im in enumerate(images):
+            image_of[im.sample, im.rows] = g
+            grid_of[im.sample, im.rows] = torch.arange(im.rows.numel(), device=ids.device)
+            if im.protected is not None:
+                protected[im.sample, im.rows] = im.protected
+        return image_of, grid_of, protected
 
     def _images(self, out, image_mask: torch.Tensor) -> list[Image]:
         """The images of a prefill, in order: features, placeholder rows and tower signals."""

@@ -77,12 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if args.family == "llava":
-        model = llava15_shaped(width=args.width, vision_width=args.vision_width, layers=args.layers, attn=args.attn,
-                               dtype=getattr(torch, args.dtype), head_dim=args.head_dim).to(args.device)
-    else:
-        model = llava_next_shaped(width=args.width, vision_width=args.vision_width, layers=args.layers,
-                                  attn=args.attn, dtype=getattr(torch, args.dtype)).to(args.device)
+    build = llava15_shaped if args.family == "llava" else llava_next_shaped
+    model = build(width=args.width, vision_width=args.vision_width, layers=args.layers, attn=args.attn,
+                  dtype=getattr(torch, args.dtype), head_dim=args.head_dim).to(args.device)
     if args.family == "llava":
         inputs = tiny_inputs(model, text=args.text)
     else:
@@ -147,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.attn}")
     shape = "LLaVA-1.5" if args.family == "llava" else "LLaVA-NeXT"
     print(f"# {shape} shape at width {args.width} (vision {args.vision_width}), {args.layers} layers, head size "
-          f"{args.head_dim if args.family == 'llava' else 32}, "
+          f"{args.head_dim}, "
           f"{image_tokens} visual + {text} text tokens, medians of {args.rounds} interleaved rounds")
     # The ideal leaves out what every forward of the model pays (mask creation, output objects),
     # so "net" divides out the unpatched model's own gap to its ideal.

@@ -363,9 +363,9 @@ def tiled_inputs(
 
 
 def llava_next_shaped(*, width: int = 256, vision_width: int = 256, layers: int = 32, vision_layers: int = 24,
-                      attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0):
+                      attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0, head_dim: int = 32):
     """LLaVA-NeXT-7B's geometry at reduced width: 336px tiles / patch 14 (576 tokens each), its anyres pinpoints,
-    a 24-layer tower read at layer -2, a 32-layer LLM (MLP ratio 11008/4096, head size 32).
+    a 24-layer tower read at layer -2, a 32-layer LLM (MLP ratio 11008/4096, head size ``head_dim``).
 
     Example:
         >>> model = llava_next_shaped(width=64, layers=1, vision_layers=1, vision_width=32)
@@ -374,8 +374,8 @@ def llava_next_shaped(*, width: int = 256, vision_width: int = 256, layers: int 
     """
     model = tiny_llava_next(
         tile=336, patch_size=14, vision_layers=vision_layers, vision_hidden=vision_width, layers=layers,
-        hidden=width, intermediate=int(width * 11008 / 4096), heads=max(1, width // 32), kv_heads=max(1, width // 32),
-        vocab=32064, attn=attn, dtype=dtype, seed=seed,
+        hidden=width, intermediate=int(width * 11008 / 4096), heads=max(1, width // head_dim),
+        kv_heads=max(1, width // head_dim), vocab=32064, attn=attn, dtype=dtype, seed=seed,
     )
     model.config.image_grid_pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     return model

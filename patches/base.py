@@ -37,7 +37,8 @@ from .adapter import Adapter
 from .decoder import LayerStages, SequenceState
 
 _MISSING = object()
-# Set on the vision output: per pooler_output entry, {"cls(<layers>)": [N], "keys<L>": [N, C], layout...}.
+# Set on the vision output: per pooler_output entry, {"cls(<layers>)": [N], "keys<L>": [N, C],
+# "layout.<name>": [N] (the adapter's layout)}.
 SIGNALS_ATTR = "vtc_signals"
 
 
@@ -252,9 +253,10 @@ class Installation:
                 raise VtcError("an image's placeholders span two samples of the batch: build the prompt with the "
                                "model's processor")
             mine = {name: v[g] for name, v in signals.items()}
-            protected = mine.pop("protected", None)
+            layout = {k.removeprefix("layout."): mine.pop(k) for k in list(mine) if k.startswith("layout.")}
+            protected = layout.pop("protected", None)
             keeps = self.active_plan.keeps_for(n)
-            images.append(Image(sample, spot[:, 1], f, mine, protected, keeps,
+            images.append(Image(sample, spot[:, 1], f, mine, layout, protected, keeps,
                                 torch.arange(n, device=f.device)))
         return images
 
@@ -316,10 +318,8 @@ class Installation:
             metric = torch.stack([im.signals[f"keys{stage.metric.layers[0]}"][im.index] for im in images])
         elif stage.metric is not None and stage.metric.kind == "cls_attention":
             metric = torch.stack([im.signals[f"cls{stage.metric.layers}"][im.index] for im in images])
-        layout = None
-        if stage.reducer == "hired":
-            layout = {name: torch.stack([im.signals[name][im.index] for im in images]) for name in ("tile", "region")}
-        return scores, metric, layout
+        layout = {name: torch.stack([im.layout[name][im.index] for im in images]) for name in images[0].layout}
+        return scores, metric, layout or None
 
     def _decode_step(self, a: dict) -> None:
         if a["pixel_values"] is not None or (a["mm_encoder_outputs"] or {}).get("image") is not None:
@@ -376,7 +376,7 @@ class Installation:
             entries = list(out.pooler_output)
             per_entry = [{k: v[i] for k, v in signals.items()} for i in range(len(entries))]
             for sig, extra in zip(per_entry, layout or ()):
-                sig.update(extra)
+                sig.update({f"layout.{k}": v for k, v in extra.items()})
             record = {_key(e): sig for e, sig in zip(entries, per_entry)}
             record["entries"] = list(zip(entries, per_entry))
             setattr(out, SIGNALS_ATTR, record)
@@ -410,6 +410,7 @@ class Image:
     rows: torch.Tensor  # its placeholder rows in that sample, in order
     feats: torch.Tensor  # its feature tokens still kept ``[k, D]``
     signals: dict  # per original token: ``cls`` scores, ``keys<L>`` merge metrics
+    layout: dict  # per original token: where it is in a tiled image (``tile``, ``region``)
     protected: torch.Tensor | None  # per original token: kept at every stage
     keeps: list[int]  # what each stage of the plan keeps of it
     index: torch.Tensor  # which original tokens ``feats`` stand for

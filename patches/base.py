@@ -357,11 +357,13 @@ class Installation:
         return hook
 
     def _features_wrapper(self, original):
+        signature = inspect.signature(original)
+
         @functools.wraps(original)
         def get_image_features(*args, **kwargs):
             self._captured.clear()
             out = original(*args, **kwargs)
-            arguments = inspect.signature(original).bind(*args, **kwargs).arguments
+            arguments = signature.bind(*args, **kwargs).arguments
             arguments = {**arguments.pop("kwargs", {}), **arguments}
             signals: dict[str, list[torch.Tensor]] = {}
             for layers in self.cls_sets:

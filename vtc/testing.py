@@ -51,10 +51,7 @@ def tiny_llava(
         vision_config=vision, text_config=text, image_token_index=vocab - 1,
         image_seq_length=(image_size // patch_size) ** 2,
     )
-    config._attn_implementation = attn
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    model.set_attn_implementation(attn)
-    return model
+    return _instantiate(LlavaForConditionalGeneration, config, attn, dtype)
 
 
 # Image layouts tiny_inputs takes turns with, per tiled family (tiles of the tiny models).
@@ -183,6 +180,14 @@ def llava15_shaped(*, width: int = 256, layers: int = 32, vision_layers: int = 2
     )
 
 
+def _instantiate(model_class, config, attn: str, dtype: torch.dtype):
+    """The model of ``config`` with random weights, in eval mode, attention ``attn`` everywhere."""
+    config._attn_implementation = attn
+    model = model_class(config).to(dtype).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
 def _text_config(text_model: str, *, layers: int, hidden: int, intermediate: int | None, heads: int, kv_heads: int,
                  vocab: int):
     from transformers import AutoConfig
@@ -231,10 +236,7 @@ def tiny_llava_next(
         vision_feature_layer=-2, vision_feature_select_strategy="default",
         image_seq_length=(tile // patch_size) ** 2,
     )
-    config._attn_implementation = attn
-    model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
-    model.set_attn_implementation(attn)
-    return model
+    return _instantiate(LlavaNextForConditionalGeneration, config, attn, dtype)
 
 
 def tiny_internvl(
@@ -274,10 +276,7 @@ def tiny_internvl(
         image_seq_length=int((tile // patch_size) ** 2 * ratio**2), vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
-    config._attn_implementation = attn
-    model = InternVLForConditionalGeneration(config).to(dtype).eval()
-    model.set_attn_implementation(attn)
-    return model
+    return _instantiate(InternVLForConditionalGeneration, config, attn, dtype)
 
 
 def _anyres_grid(config, image: tuple[int, int]) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 SCORERS = ("cls_attention", "query_attention", "pagerank", "random", "keys", "none")
-REDUCERS = ("topk", "merge", "pool", "dominant+context", "hired")
+REDUCERS = ("topk", "merge", "pool", "dominant+context", "hired", "tome")
 POSITIONS = ("keep", "compact")
 
 
@@ -149,6 +149,8 @@ class Plan:
     def __post_init__(self) -> None:
         last_layer, kept, seen_layer = -1, self.image_tokens, False
         for s in self.stages:
+            if s.reducer == "tome" and s is not self.stages[0]:
+                raise ValueError("a tome stage merges inside the vision tower: it must be the plan's first stage")
             if s.layer is None:
                 if seen_layer:
                     raise ValueError("vision stages must come before layer stages")

@@ -125,3 +125,18 @@ class Adapter:
 
     def vision_hidden_size(self) -> int:
         return 0
+
+    def pre_projector(self, out: Any, arguments: dict) -> torch.Tensor | None:
+        """The tower's features the projector reads, ``[tower images, tower tokens, C]`` with the
+        [CLS] token first, from the encoder's output ``out``; None where the family's projector does
+        not read tower tokens one by one (then methods merge projected features instead).
+        Default: ``hidden_states[vision_feature_layer]`` for a single feature layer."""
+        layer = arguments.get("vision_feature_layer")
+        layer = self.model.config.vision_feature_layer if layer is None else layer
+        states = getattr(out, "hidden_states", None)
+        return states[layer] if isinstance(layer, int) and states is not None else None
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's projector applied to tower features ``[..., C]`` (what :meth:`pre_projector`
+        returns, reduced)."""
+        return self.base().multi_modal_projector(x)

@@ -73,15 +73,25 @@ class Installation:
         self.cls_layers = sorted({i for layers in self.cls_sets for i in layers})
         self.key_layers = sorted({s.metric.layers[0] for s in self.vision_stages
                                   if s.metric is not None and s.metric.kind == "keys"})
-        self.needs_tower = bool(self.cls_layers or self.key_layers)
+        self.mean_key_layers = sorted({s.metric.layers[0] for s in self.vision_stages
+                                       if s.metric is not None and s.metric.kind == "mean_keys"})
+        # Stages that reduce the tower's features before the projector (VisionZip on LLaVA-1.5).
+        self.needs_hidden = any(dict(s.options).get("pre") for s in self.vision_stages)
+        for j, s in enumerate(self.vision_stages):
+            if dict(s.options).get("pre") and any(t.reducer != "topk" for t in self.vision_stages[:j]):
+                raise UnsupportedConfigurationError(
+                    f"a {s.reducer} stage that merges before the projector cannot follow a stage that merges or "
+                    f"pools: put it first among the vision stages"
+                )
+        self.needs_tower = bool(self.cls_layers or self.key_layers or self.mean_key_layers)
 
     # -- install / remove --------------------------------------------------------------
     def install(self) -> None:
         try:
             self._wrap(self.base, "forward", self._forward_wrapper)
-            if self.cls_layers or self.key_layers or self.adapter.has_layout:
+            if self.needs_tower or self.needs_hidden or self.adapter.has_layout:
                 self._wrap(self.base, "get_image_features", self._features_wrapper)
-                for layer in sorted({*self.cls_layers, *self.key_layers}):
+                for layer in sorted({*self.cls_layers, *self.key_layers, *self.mean_key_layers}):
                     module = self.adapter.vision_attention(layer)
                     self._handles.append(module.register_forward_pre_hook(self._capture(layer), with_kwargs=True))
             self.layer_stages.install()
@@ -274,7 +284,20 @@ class Installation:
             feats = torch.stack([im.feats for im in ims])
             scores, metric, layout = self._vision_signals(stage, ims)
             protected = ims[0].protected[ims[0].index] if len(ims) == 1 and ims[0].protected is not None else None
-            reduced, local = reduce_vision(resized(stage, ims[0].keeps[i]), feats, scores, metric, protected, layout)
+            options = dict(stage.options)
+            pre = bool(options.get("pre"))
+            if pre and "hidden" not in ims[0].signals:
+                raise VtcError(
+                    f"vision stage {stage.reducer_label} merges the tower's features before the projector, and this "
+                    f"{self.info.family} model does not expose them; compile the method for this model with vtc.plan"
+                )
+            cls = torch.stack([im.signals["cls_hidden"][0] for im in ims]) if options.get("cls") else None
+            if pre:  # reduce the projector's input, then project it (LLaVA's projector is per token)
+                feats = torch.stack([im.signals["hidden"][im.index] for im in ims])
+            reduced, local = reduce_vision(resized(stage, ims[0].keeps[i]), feats, scores, metric, protected, layout,
+                                           cls=cls)
+            if pre:
+                reduced = self.adapter.project(reduced).to(ims[0].feats.dtype)
             for j, im in enumerate(ims):
                 im.feats, im.index = reduced[j], im.index[local[j]]
         return [im.index for im in images]
@@ -314,8 +337,9 @@ class Installation:
             scores = torch.stack([im.signals[f"cls{stage.scorer.layers}"][im.index] for im in images])
         elif stage.scorer.kind not in ("none",):
             raise VtcError(f"scorer {stage.scorer.kind!r} cannot run at a vision stage")
-        if stage.metric is not None and stage.metric.kind == "keys":
-            metric = torch.stack([im.signals[f"keys{stage.metric.layers[0]}"][im.index] for im in images])
+        if stage.metric is not None and stage.metric.kind in ("keys", "mean_keys"):
+            name = f"{stage.metric.kind}{stage.metric.layers[0]}"
+            metric = torch.stack([im.signals[name][im.index] for im in images])
         elif stage.metric is not None and stage.metric.kind == "cls_attention":
             metric = torch.stack([im.signals[f"cls{stage.metric.layers}"][im.index] for im in images])
         layout = {name: torch.stack([im.layout[name][im.index] for im in images]) for name in images[0].layout}
@@ -351,8 +375,13 @@ class Installation:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             if layer in self.cls_layers:
                 self._captured[layer] = ops.cls_attention(module, hidden)
-            if layer in self.key_layers:
-                self._captured[f"keys{layer}"] = module.k_proj(hidden)
+            if layer in self.key_layers or layer in self.mean_key_layers:
+                keys = module.k_proj(hidden)
+                if layer in self.key_layers:
+                    self._captured[f"keys{layer}"] = keys
+                if layer in self.mean_key_layers:  # VisionZip's metric: the keys averaged over heads
+                    heads = getattr(module, "num_heads", None) or module.config.num_attention_heads
+                    self._captured[f"mean_keys{layer}"] = keys.view(*keys.shape[:-1], heads, -1).mean(dim=-2)
 
         return hook
 
@@ -371,9 +400,14 @@ class Installation:
                     # A score is the [CLS] row averaged over the vision layers it reads.
                     row = torch.stack([self._captured[i] for i in layers]).mean(dim=0)
                     signals[f"cls{layers}"] = self.adapter.patch_tokens(row, arguments)
-            for layer in self.key_layers:
-                if f"keys{layer}" in self._captured:
-                    signals[f"keys{layer}"] = self.adapter.patch_tokens(self._captured[f"keys{layer}"], arguments)
+            for name in [f"keys{i}" for i in self.key_layers] + [f"mean_keys{i}" for i in self.mean_key_layers]:
+                if name in self._captured:
+                    signals[name] = self.adapter.patch_tokens(self._captured[name], arguments)
+            hidden = self.adapter.pre_projector(out, arguments) if self.needs_hidden else None
+            if hidden is not None:
+                # The projector's input per feature token, and each token's [CLS] token alongside.
+                signals["hidden"] = self.adapter.patch_tokens(hidden, arguments)
+                signals["cls_hidden"] = self.adapter.patch_tokens(hidden[:, :1].expand_as(hidden), arguments)
             layout = self.adapter.layout(arguments)
             entries = list(out.pooler_output)
             per_entry = [{k: v[i] for k, v in signals.items()} for i in range(len(entries))]

@@ -66,6 +66,10 @@ class InternVLAdapter(Adapter):
         per_token_out = shuffled.reshape(tiles, -1, shuffled.shape[-1] // channels, channels).mean(dim=2)
         return list(per_token_out[..., 0] if scalar else per_token_out)
 
+    def pre_projector(self, out, arguments: dict):
+        # The projector reads pixel-shuffled groups of four patches: no per-token tower features.
+        return None
+
     def image_lengths(self, entries: list[torch.Tensor], image_mask: torch.Tensor) -> list[int]:
         # Entries are tiles; an image is a run of placeholders.
         return [rows.numel() for _, rows in ops.runs(image_mask)]

@@ -67,8 +67,10 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def layout(self, arguments: dict) -> list[dict[str, torch.Tensor]]:
         """Per image: ``protected`` (row ends), ``tile`` (0 the base image, 1.. the tiles in row-major
-        order, -1 a row end) and ``region`` (for a base token, the tile whose part of the image
-        it shows; for a tile token its own tile)."""
+        order, -1 a row end), ``region`` (for a base token, the tile whose part of the image
+        it shows; for a tile token its own tile) and ``band`` (as ``region``, but a base token's
+        tile as HiRED's official code assigns it: the flat base grid reshaped to
+        ``(rows, cols, -1)``, i.e. consecutive horizontal bands taken as the tiles in order)."""
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
         cfg = self.model.config
@@ -89,7 +91,9 @@ class LlavaNextAdapter(LlavaAdapter):
             base = tile == 0
             patch = (flat % (g * g)).long()
             region[base] = self._base_regions(hw, rows, cols, size, g, device)[patch[base]]
-            out.append({"protected": newline, "tile": tile, "region": region})
+            band = tile.clone()
+            band[base] = 1 + patch[base] * (rows * cols) // (g * g)
+            out.append({"protected": newline, "tile": tile, "region": region, "band": band})
         return out
 
     @staticmethod

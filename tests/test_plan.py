@@ -27,7 +27,8 @@ def test_budget_is_met_within_rounding(method, budget):
 def test_defaults_follow_the_papers():
     assert get_method("fastv").create().compile(LLAVA15).stages[0].keep == 288
     assert get_method("fastv").create().compile(LLAVA15).stages[0].where == "layer:2"
-    assert get_method("vtc_cls").create().compile(LLAVA15).stages[0].scorer.layers == (20, 21, 22)
+    # VTC-CLS official `--layer 16`: attentions[16:-1], layers 16..22 of 24.
+    assert get_method("vtc_cls").create().compile(LLAVA15).stages[0].scorer.layers == tuple(range(16, 23))
 
 
 def test_plan_rejects_malformed_stages():

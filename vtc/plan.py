@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-SCORERS = ("cls_attention", "query_attention", "pagerank", "random", "keys", "none")
+SCORERS = ("cls_attention", "query_attention", "pagerank", "random", "keys", "mean_keys", "none")
 REDUCERS = ("topk", "merge", "pool", "dominant+context", "hired", "tome")
 POSITIONS = ("keep", "compact")
 
@@ -53,7 +53,8 @@ class Scorer:
     ``layers[0]``, computed from that layer's input. ``random``: a seeded random ranking.
     ``pagerank``: PageRank over LLM layer ``layers[0]``'s causal attention among all tokens
     (AIM). ``keys``: not a ranking but a similarity metric for merging, the attention keys
-    of vision layer ``layers[0]``. ``none``: no signal (pooling, merging by features).
+    of vision layer ``layers[0]`` (``mean_keys``: averaged over heads, as VisionZip merges by).
+    ``none``: no signal (pooling, merging by features).
 
     Example:
         >>> str(Scorer("query_attention", (1,)))
@@ -74,8 +75,8 @@ class Scorer:
             return f"cls_attention@vision{list(self.layers)}"
         if self.kind in ("query_attention", "pagerank"):
             return f"{self.kind}@L{self.layers[0]}"
-        if self.kind == "keys":
-            return f"keys@vision[{self.layers[0]}]"
+        if self.kind in ("keys", "mean_keys"):
+            return f"{self.kind}@vision[{self.layers[0]}]"
         if self.kind == "none":
             return "-"
         return f"random(seed={self.seed})"
@@ -88,7 +89,9 @@ class Stage:
     ``positions`` says what RoPE positions survivors get: their original ones (``keep``)
     or re-indexed contiguously (``compact``). Vision stages may also merge or pool
     (``reducer``), with ``metric`` the similarity they merge by and ``options`` the
-    reducer's settings (``dominant`` for ``dominant+context``).
+    reducer's settings (``dominant+context``: ``dominant``, the count of dominant tokens;
+    ``cls`` 1 to keep the tower's [CLS] token as the first of them; ``pre`` 1 to merge the
+    vision tower's features before the projector, which then projects the result).
 
     Example:
         >>> Stage("layer:2", Scorer("query_attention", (1,)), keep=288).layer

@@ -17,13 +17,17 @@ from .plan import Stage
 def reduce_vision(
     stage: Stage, feats: torch.Tensor, scores: torch.Tensor | None, metric: torch.Tensor | None,
     protected: torch.Tensor | None = None, layout: dict[str, torch.Tensor] | None = None,
+    cls: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply ``stage`` to ``feats`` ``[I, n, D]``; returns the reduced features and, for each,
-    its position among the ``n`` inputs (``[I, k]``, ascending).
+    its position among the ``n`` inputs (``[I, k]``; ascending, except ``dominant+context``,
+    whose tokens come in VisionZip's order: see :func:`vtc.ops.dominant_and_context`).
 
     ``protected`` (bool ``[n]``, fewer than ``stage.keep`` set) marks tokens kept as they are
     (LLaVA-NeXT's row ends); the stage reduces the others to the rest of the budget.
     ``layout`` (``{name: [I, n]}``): where each token is in a tiled image, for ``hired``.
+    ``cls`` (``[I, D]``): the images' [CLS] tokens, which ``dominant+context`` keeps first when
+    its option ``cls`` is 1.
 
     Example:
         >>> from vtc.plan import Scorer, Stage
@@ -37,15 +41,22 @@ def reduce_vision(
         inner = resized(stage, stage.keep - fixed.numel())
         scores, metric = (None if t is None else t[:, free] for t in (scores, metric))
         layout = None if layout is None else {k: v[:, free] for k, v in layout.items()}
-        reduced, local = reduce_vision(inner, feats[:, free], scores, metric, layout=layout)
+        reduced, local = reduce_vision(inner, feats[:, free], scores, metric, layout=layout, cls=cls)
         index = torch.cat([fixed.expand(feats.shape[0], -1), free[local]], dim=1)
         index, order = index.sort(dim=1)
         both = torch.cat([feats[:, fixed], reduced], dim=1)
         return ops.gather_tokens(both, order), index
     if stage.reducer == "hired":
-        alpha = dict(stage.options).get("alpha", 0.5)
-        keep = torch.stack([ops.hired_select(scores[i], metric[i], layout["tile"][i], layout["region"][i],
-                                             stage.keep, alpha) for i in range(feats.shape[0])])
+        options = dict(stage.options)
+        alpha = options.get("alpha", 0.5)
+        # Regions: the tile each base patch is shown by, or (regions=1) the official horizontal bands.
+        region = layout["band" if options.get("bands") else "region"]
+        keep = []
+        for i in range(feats.shape[0]):
+            base = int((layout["tile"][i] == 0).sum())
+            vote = int(base * (1 - alpha)) if options.get("vote") else None  # official: int(576 * (1 - alpha))
+            keep.append(ops.hired_select(scores[i], metric[i], layout["tile"][i], region[i], stage.keep, alpha, vote))
+        keep = torch.stack(keep)
         return ops.gather_tokens(feats, keep), keep
     if stage.reducer == "topk":
         keep = ops.topk_keep(scores, stage.keep)
@@ -55,9 +66,12 @@ def reduce_vision(
     if stage.reducer == "merge":
         return ops.merge_to(feats, metric if metric is not None else feats, stage.keep)
     if stage.reducer == "dominant+context":
-        dominant = dict(stage.options)["dominant"]
+        options = dict(stage.options)
+        dominant = options["dominant"]
+        if options.get("cls") and cls is None:
+            raise ValueError("this dominant+context stage keeps the [CLS] token: pass cls")
         return ops.dominant_and_context(feats, scores, metric if metric is not None else feats, dominant,
-                                        stage.keep - dominant)
+                                        stage.keep - dominant, cls if options.get("cls") else None)
     raise ValueError(f"unknown reducer {stage.reducer!r}")
 
 

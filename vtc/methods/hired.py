@@ -16,19 +16,23 @@ from .base import PreLLMTopK
 class HiRED(PreLLMTopK):
     """Before the LLM, per image: ``alpha`` of the budget to the base image, its best tokens by
     [CLS] attention at vision layer ``late``; the rest shared among the tiles in proportion to
-    how many of the base image's best tokens by [CLS] attention at layer ``early`` lie in each
-    tile's part of the image, each tile then keeping its best tokens at ``late``. Row-end
-    tokens are protected (kept, counted in the budget); positions compacted.
+    how many of the base image's ``int(576 * (1 - alpha))`` best tokens by [CLS] attention at
+    layer ``early`` (the official vote) lie in each tile's part of the image, each tile then
+    keeping its best tokens at ``late``. Row-end tokens are protected (kept, counted in the
+    budget); positions compacted.
 
-    Defaults (the paper's, for LLaVA-NeXT with CLIP-L/336): keep 20% of each image's tokens,
-    ``alpha=0.5``, ``early=0``, ``late`` the feature layer (22). Needs a model whose adapter
-    knows the tiles' regions (LLaVA-NeXT).
+    ``regions``: ``"tiles"`` (default) counts a base patch for the tile that shows it;
+    ``"official"`` for the tile the official code gives it by reshaping the flat base grid to
+    ``(rows, cols, -1)`` (horizontal bands taken as tiles in order). Defaults (the paper's,
+    for LLaVA-NeXT with CLIP-L/336): keep 20% of each image's tokens, ``alpha=0.5``,
+    ``early=0``, ``late`` the feature layer (22). Needs a model whose adapter knows the
+    tiles' regions (LLaVA-NeXT). docs/fidelity.md lists the differences from the official code.
 
     Example:
         >>> from vtc.plan import ModelInfo
         >>> info = ModelInfo("llava_next", 2928, 32, 24, 22, True, tiled=True, tile_regions=True)
         >>> print(HiRED().compile(info).stages[0].reducer_label)
-        hired(cls_attention@vision[0], alpha=0.5)
+        hired(cls_attention@vision[0], alpha=0.5, vote=1, bands=0)
     """
 
     name = "hired"
@@ -36,6 +40,7 @@ class HiRED(PreLLMTopK):
     default_keep = 0.2
 
     alpha: float = 0.5
+    regions: str = "tiles"
     early: int = 0
     late: int | None = None
     positions: str = "compact"
@@ -46,6 +51,9 @@ class HiRED(PreLLMTopK):
                 f"hired shares a budget among the tiles of a high-resolution image by the regions they show; "
                 f"vtc knows those regions for llava_next only, not {info.family} (use vtc_cls there)"
             )
+        if self.regions not in ("tiles", "official"):
+            raise VtcError(f"hired regions={self.regions!r}: use 'tiles' (the tile that shows each base patch) "
+                           f"or 'official' (the official code's horizontal bands)")
         if not 0 <= self.alpha <= 1:
             raise VtcError(f"hired alpha={self.alpha}: use a fraction of the budget in [0, 1]")
         late = info.vision_feature_layer if self.late is None else self.late
@@ -54,5 +62,5 @@ class HiRED(PreLLMTopK):
             raise VtcError(f"hired early={self.early}, late={late}: use vision layers in [0, {info.vision_layers - 1}]")
         stage = Stage("vision", Scorer("cls_attention", (late,)), self.resolve_keep(info, budget), reducer="hired",
                       positions=self.positions, metric=Scorer("cls_attention", (self.early,)),
-                      options=(("alpha", self.alpha),))
+                      options=(("alpha", self.alpha), ("vote", 1), ("bands", int(self.regions == "official"))))
         return self._plan(info, (stage,), budget)

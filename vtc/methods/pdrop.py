@@ -13,13 +13,14 @@ from .base import Method
 
 
 def pyramid_counts(n: int, ratio: float, stages: int) -> list[int]:
-    """Tokens kept after each stage: ``n * ratio^i``, at least one.
+    """Tokens kept after each stage: ``int(n * ratio**i)`` (truncated, as the official
+    ``modeling_llama_pdrop.py`` computes ``keep_length``), at least one.
 
     Example:
-        >>> pyramid_counts(576, 0.5, 3)
-        [288, 144, 72]
+        >>> pyramid_counts(576, 0.5, 3), pyramid_counts(576, 0.4, 3)
+        ([288, 144, 72], [230, 92, 36])
     """
-    return [max(1, round(n * ratio**i)) for i in range(1, stages + 1)]
+    return [max(1, int(n * ratio**i)) for i in range(1, stages + 1)]
 
 
 def equivalent(n: int, num_layers: int, layers: tuple[int, ...], counts: list[int]) -> float:

@@ -80,37 +80,60 @@ def merge_to(x: torch.Tensor, metric: torch.Tensor, k: int) -> tuple[torch.Tenso
 
 
 def dominant_and_context(
-    x: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, dominant: int, context: int
+    x: torch.Tensor, scores: torch.Tensor, metric: torch.Tensor, dominant: int, context: int,
+    cls: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """VisionZip's reduction: the ``dominant`` best-scored tokens, plus ``context`` tokens
-    each the mean of a group of the rest, grouped by the most similar of ``context`` evenly
-    spaced targets (cosine similarity of ``metric``).
+    """VisionZip's reduction (official ``visionzip/clip_encoder.py``): ``[CLS]`` (when ``cls``
+    ``[B, D]`` is given, it counts as one of the ``dominant`` tokens), the best-scored patches in
+    grid order, then ``context`` contextual tokens.
+
+    The patches left are split into ``context`` targets, every ``R // context``-th of the ``R``
+    left from the first, and the others, each of which joins the target most cosine-similar
+    to it under ``metric``; a contextual token is its target plus the mean of its group (just
+    the target if the group is empty).
+
+    Returns the tokens in that order and, for each, the input token it stands at (the
+    dominant patches and the targets; ``[CLS]``, which is none of the inputs, takes the first
+    input index used by no other output). The indices follow the tokens, so they are not
+    ascending.
 
     Example:
         >>> x = torch.randn(1, 16, 4)
-        >>> y, idx = dominant_and_context(x, torch.rand(1, 16), x, dominant=3, context=2)
-        >>> y.shape, idx.shape
-        (torch.Size([1, 5, 4]), torch.Size([1, 5]))
+        >>> y, idx = dominant_and_context(x, torch.rand(1, 16), x, dominant=3, context=2, cls=torch.zeros(1, 4))
+        >>> y.shape, idx.shape, bool((y[0, 0] == 0).all())
+        (torch.Size([1, 5, 4]), torch.Size([1, 5]), True)
     """
-    bsz, n, _ = x.shape
-    keep = topk_keep(scores, dominant)
+    bsz, n, dim = x.shape
+    patches = dominant - (cls is not None)
+    empty = torch.zeros(bsz, 0, dtype=torch.long, device=x.device)
+    keep = topk_keep(scores, patches) if patches > 0 else empty
     rest_mask = torch.ones(bsz, n, dtype=torch.bool, device=x.device)
     rest_mask.scatter_(1, keep, False)
-    rest = rest_mask.nonzero()[:, 1].view(bsz, n - dominant)
-    if context == 0 or rest.shape[1] == 0:
-        return gather_tokens(x, keep), keep
-    step = rest.shape[1] / context
-    targets = rest[:, [int(i * step) for i in range(context)]]  # evenly spaced among the rest
-    unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    sim = gather_tokens(unit, rest) @ gather_tokens(unit, targets).transpose(1, 2)  # [B, R, C]
-    group = sim.argmax(dim=-1)  # each remaining token (targets included) joins its best target
-    sums = x.new_zeros(bsz, context, x.shape[2]).scatter_add_(
-        1, group[..., None].expand(-1, -1, x.shape[2]), gather_tokens(x, rest))
-    counts = x.new_zeros(bsz, context, 1).scatter_add_(1, group[..., None], x.new_ones(bsz, rest.shape[1], 1))
-    contextual = sums / counts.clamp_min(1)
-    index = torch.cat([keep, targets], dim=1)
-    order = index.argsort(dim=1)
-    return gather_tokens(torch.cat([gather_tokens(x, keep), contextual], dim=1), order), gather_tokens(index, order)
+    rest = rest_mask.nonzero()[:, 1].view(bsz, n - patches)
+    parts, index = [gather_tokens(x, keep)], [keep]
+    if context > 0 and rest.shape[1] > 0:
+        left = rest.shape[1]
+        step = max(1, left // context)
+        local = torch.arange(0, left, step, device=x.device)[:context]
+        is_target = torch.zeros(left, dtype=torch.bool, device=x.device)
+        is_target[local] = True
+        targets, members = rest[:, local], rest[:, ~is_target]
+        unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        sim = gather_tokens(unit, members) @ gather_tokens(unit, targets).transpose(1, 2)  # [B, M, C]
+        group = sim.argmax(dim=-1)
+        sums = x.new_zeros(bsz, local.numel(), dim).scatter_add_(
+            1, group[..., None].expand(-1, -1, dim), gather_tokens(x, members))
+        counts = x.new_zeros(bsz, local.numel(), 1).scatter_add_(
+            1, group[..., None], x.new_ones(bsz, members.shape[1], 1))
+        parts.append(gather_tokens(x, targets) + sums / counts.clamp_min(1))
+        index.append(targets)
+    index = torch.cat(index, dim=1)
+    if cls is not None:
+        used = torch.zeros(bsz, n, dtype=torch.bool, device=x.device)
+        used.scatter_(1, index, True)
+        index = torch.cat([(~used).long().argmax(dim=1, keepdim=True), index], dim=1)
+        parts.insert(0, cls[:, None].to(x.dtype))
+    return torch.cat(parts, dim=1), index
 
 
 def share(total: int, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
@@ -144,14 +167,15 @@ def share(total: int, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Te
 
 
 def hired_select(late: torch.Tensor, early: torch.Tensor, tile: torch.Tensor, region: torch.Tensor, keep: int,
-                 alpha: float = 0.5) -> torch.Tensor:
+                 alpha: float = 0.5, vote: int | None = None) -> torch.Tensor:
     """HiRED's choice of ``keep`` tokens of one high-resolution image, returned ascending.
 
     ``tile`` says which part of the image a token is in (0 the base image, 1.. its tiles);
     ``region`` which tile's area a base token shows. ``alpha`` of the budget goes to the base
     image, chosen by ``late`` score. The rest is shared among the tiles in proportion to how
-    many of the base image's best ``early``-scored tokens (as many as there is budget for the
-    tiles) lie in each tile's region, then each tile keeps its best ``late``-scored tokens.
+    many of the base image's ``vote`` best ``early``-scored tokens (default: as many as there
+    is budget for the tiles; the official code counts ``int(576 * (1 - alpha))``) lie in each
+    tile's region, then each tile keeps its best ``late``-scored tokens.
 
     Example:
         >>> tile = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
@@ -168,7 +192,7 @@ def hired_select(late: torch.Tensor, early: torch.Tensor, tile: torch.Tensor, re
     chosen = [base[topk_keep(late[base][None], kb)[0]]] if kb else []
     if kt:
         ids = tile[tiled].unique()
-        top = base[topk_keep(early[base][None], min(kt, base.numel()))[0]]
+        top = base[topk_keep(early[base][None], max(1, min(kt if vote is None else vote, base.numel())))[0]]
         counts = (region[top][:, None] == ids[None]).sum(dim=0)
         room = (tile[:, None] == ids[None]).sum(dim=0)
         for t, k in zip(ids.tolist(), share(kt, counts, room).tolist()):

@@ -1,0 +1,221 @@
+"""Each method's default against a reference of its official code, on tiny LLaVA-1.5-shaped models.
+
+The references below are written from the official repositories (file and lines cited at
+each); they run on the *unpatched* model's own modules and share nothing with vtc but the
+model. Images are 336px with 14px patches (576 tokens, as LLaVA-1.5), so the official counts
+(VisionZip's 54/10 splits, PyramidDrop's truncation) are the real ones. docs/fidelity.md
+lists what each test proves.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+import vtc
+from vtc.testing import tiny_inputs, tiny_llava
+
+torch.set_num_threads(1)
+ATTN = ["eager", "sdpa"]
+
+
+@functools.cache
+def _model(attn: str, vision_layers: int = 4, layers: int = 2, kv_heads: int = 2):
+    return tiny_llava(image_size=336, vision_layers=vision_layers, layers=layers, kv_heads=kv_heads, attn=attn)
+
+
+def tower_pass(model, pixel_values, layers: list[int]):
+    """The tower's hidden states, and for each of ``layers`` its attention probabilities
+    ``[B, H, T, T]`` and its raw keys ``[B, H, T, hd]``, recomputed from the inputs the
+    layer's attention module receives (the official code reads ``output_attentions``; this is
+    the same softmax(q k^T * scale) whatever the attention backend)."""
+    encoder = model.model.vision_tower.encoder
+    seen, handles = {}, []
+    for i in layers:
+        def grab(module, args, kwargs, i=i):
+            seen[i] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        handles.append(encoder.layers[i].self_attn.register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    probs, keys = {}, {}
+    for i, x in seen.items():
+        attn = encoder.layers[i].self_attn
+        b, t, _ = x.shape
+        with torch.no_grad():
+            q = (attn.q_proj(x) * attn.scale).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        probs[i], keys[i] = torch.softmax(q @ k.transpose(-1, -2), dim=-1), k
+    return out.hidden_states, probs, keys
+
+
+def llm_input(model, inputs, method, **params):
+    """What the patched model hands the language model (prefill), and vtc's record."""
+    seen = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["inputs_embeds"]) if not seen else None, with_kwargs=True)
+    try:
+        with vtc.compressed(model, method, **params), torch.no_grad():
+            out = model(**inputs)
+            stats = vtc.stats(model)
+    finally:
+        handle.remove()
+    return seen[0], stats, out.logits
+
+
+# -- VisionZip ---------------------------------------------------------------------------
+def official_visionzip(model, pixel_values, dominant: int, contextual: int):
+    """dvlab-research/VisionZip @3151f6d: ``visionzip/main.py`` L5-7 (``dominant_num = dominant - 1``),
+    ``visionzip/utils.py`` L24 and L89 (metric = raw keys averaged over heads) and L191 (taken at
+    layer -2), ``visionzip/clip_encoder.py`` L43-83 (the selection and merge), ``llava_arch.py``
+    L32-33 (projected after). Returns the projected sequence ``[B, k, D]``, the dominant patches'
+    and the targets' grid indices (0-based patches, CLS excluded)."""
+    depth = model.config.vision_config.num_hidden_layers
+    hidden, probs, keys = tower_pass(model, pixel_values, [depth - 2])
+    states, attn, metric = hidden[-2], probs[depth - 2], keys[depth - 2].mean(dim=1)
+    n_dom = dominant - 1
+    # CLS row to the patches, summed over heads; top n_dom patches (+1: CLS is token 0); CLS kept.
+    chosen = attn[:, :, 0, 1:].sum(dim=1).topk(n_dom, dim=1).indices + 1
+    keep = torch.zeros(states.shape[:2], dtype=torch.bool)
+    keep[:, 0] = True
+    keep[torch.arange(states.shape[0])[:, None], chosen] = True
+    out, dom_grid, target_grid = [], [], []
+    for b in range(states.shape[0]):
+        dom = states[b][keep[b]]  # CLS first, then the chosen patches in grid order
+        rest_ids = (~keep[b]).nonzero()[:, 0]
+        rest, unit = states[b][rest_ids], metric[b][rest_ids]
+        unit = unit / unit.norm(dim=-1, keepdim=True)
+        step = max(1, rest.shape[0] // contextual)
+        targets = list(range(0, rest.shape[0], step))[:contextual]
+        others = [j for j in range(rest.shape[0]) if j not in targets]
+        best = (unit[others] @ unit[targets].T).argmax(dim=1)
+        ctx = []
+        for c, t in enumerate(targets):
+            group = rest[others][best == c]
+            ctx.append(rest[t] + (group.mean(dim=0) if group.shape[0] else torch.zeros_like(rest[t])))
+        out.append(torch.cat([dom, torch.stack(ctx)]))
+        dom_grid.append(keep[b, 1:].nonzero()[:, 0])
+        target_grid.append(rest_ids[targets] - 1)
+    with torch.no_grad():
+        projected = model.model.multi_modal_projector(torch.stack(out))
+    return projected, dom_grid, target_grid
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize(("budget", "dominant", "contextual"), [(64, 54, 10), (128, 108, 20), (192, 162, 30)])
+def test_visionzip_hands_the_llm_the_official_sequence(attn, budget, dominant, contextual):
+    model = _model(attn)
+    inputs = tiny_inputs(model)
+    ref, dom, targets = official_visionzip(model, inputs["pixel_values"], dominant, contextual)
+    embeds, stats, _ = llm_input(model, inputs, "visionzip", budget=budget)
+    start = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0, 0])
+    torch.testing.assert_close(embeds[0, start: start + budget], ref[0], atol=1e-5, rtol=1e-5)
+    kept = stats.kept["vision"][0]  # the [CLS] stand-in, the dominant patches, the targets
+    assert torch.equal(kept[1:dominant], dom[0]) and torch.equal(kept[dominant:], targets[0])
+    assert embeds.shape[1] == inputs["input_ids"].shape[1] - 576 + budget
+
+
+# -- VTC-CLS -----------------------------------------------------------------------------
+def official_vtc_cls(model, pixel_values, keep: int, start: int | None):
+    """THU-MIG/VTC-CLS @f4d83a1: ``llava/model/multimodal_encoder/clip_encoder.py``
+    ``cls_token_only`` (CLS row of each layer's head-mean attention, summed over
+    ``attentions[start_layer:-1]``), ``llava/eval/model_vqa_loader.py`` (``--layer`` default
+    "16"), ``llava/model/llava_arch.py`` ``encode_images`` (top ``token_num``, then sorted).
+    ``start=None``: FasterVLM's single layer -2 (``attentions[-2]``)."""
+    depth = model.config.vision_config.num_hidden_layers
+    layers = list(range(depth))[start:-1] if start is not None else [depth - 2]
+    _, probs, _ = tower_pass(model, pixel_values, layers)
+    score = sum(probs[i].mean(dim=1)[:, 0, 1:] for i in layers)
+    return score.topk(keep, dim=1).indices.sort(dim=1).values
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("single", [False, True], ids=["official-layers-16-22", "fastervlm-layer-22"])
+def test_vtc_cls_keeps_the_official_patches(attn, single):
+    model = _model(attn, vision_layers=24)
+    inputs = tiny_inputs(model, batch=2, seed=3)
+    params = {"layers": (-2,)} if single else {}
+    if not single:
+        assert vtc.plan(model, "vtc_cls", budget=64).stages[0].scorer.layers == tuple(range(16, 23))
+    for keep in (64, 192):
+        ref = official_vtc_cls(model, inputs["pixel_values"], keep, None if single else 16)
+        _, stats, _ = llm_input(model, inputs, "vtc_cls", budget=keep, **params)
+        assert torch.equal(torch.stack(stats.kept["vision"]), ref)
+
+
+# -- PyramidDrop -------------------------------------------------------------------------
+def official_pdrop(model, inputs, layer_list: list[int], ratio: float):
+    """Cooperx521/PyramidDrop @6444f30, ``llava/model/modeling_llama_pdrop.py``: after decoder layer
+    ``rank_layer - 1`` (L1219-1240) the image tokens are ranked (``pdrop_rank_drop``, L1291-1420)
+    by the last instruction token's attention computed with layer ``rank_layer``'s
+    ``input_layernorm``, ``q_proj``, ``k_proj`` and RoPE at the current contiguous positions,
+    softmax over the sequence, mean over heads; ``int(N * ratio_list[stage + 1])`` are kept in
+    order (L1306-1307, L1405-1407) and positions restart contiguously. ``ratio_list`` is
+    ``[1, ratio, ratio**2, ...]`` (``model_vqa_loader.py`` L94-96, scripts pass lambda powers).
+    Returns each stage's kept grid indices and the last row's logits."""
+    lm = model.model.language_model
+    ids = inputs["input_ids"]
+    image = ids[0] == model.config.image_token_id
+    start, n = int(image.nonzero()[0, 0]), int(image.sum())
+    with torch.no_grad():
+        embeds = lm.embed_tokens(ids)
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+    h = embeds.clone()
+    h[0, image] = feats
+    grid = torch.arange(n)  # original grid index of each image row still present
+    ratios = [ratio**i for i in range(len(layer_list) + 1)]
+    kept = []
+    with torch.no_grad():
+        for idx, layer in enumerate(lm.layers):
+            t = h.shape[1]
+            pos = torch.arange(t)[None]
+            mask = torch.full((t, t), torch.finfo(h.dtype).min).triu(1)[None, None]
+            h = layer(h, attention_mask=mask, position_embeddings=lm.rotary_emb(h, pos), position_ids=pos)
+            if idx + 1 not in layer_list:
+                continue
+            stage = layer_list.index(idx + 1)
+            cur, nxt = int(n * ratios[stage]), int(n * ratios[stage + 1])
+            nxt_layer = lm.layers[idx + 1]
+            attn = nxt_layer.self_attn
+            x = nxt_layer.input_layernorm(h)
+            hd = attn.head_dim
+            q = attn.q_proj(x).view(1, t, -1, hd).transpose(1, 2)
+            k = attn.k_proj(x).view(1, t, -1, hd).transpose(1, 2)
+            cos, sin = lm.rotary_emb(h, pos)
+            q = q * cos[:, None] + _rotate(q) * sin[:, None]
+            k = k * cos[:, None] + _rotate(k) * sin[:, None]
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            w = torch.softmax(q[:, :, -1:] @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1).mean(dim=1)[0, 0]
+            top = w[start: start + cur].topk(nxt).indices.sort().values
+            rows = torch.cat([torch.arange(start), start + top, torch.arange(start + cur, t)])
+            h, grid = h[:, rows], grid[top]
+            kept.append(grid)
+        logits = model.lm_head(lm.norm(h))[0, -1]
+    return kept, logits
+
+
+def _rotate(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("ratio", [0.5, 0.4, 0.3])
+def test_pdrop_keeps_the_official_tokens(attn, ratio):
+    # Vicuna-like multi-head attention (the official code has no grouped-query path), 8 layers.
+    model = _model(attn, vision_layers=2, layers=8, kv_heads=4)
+    inputs = tiny_inputs(model, seed=5)
+    layers = [2, 4, 6]  # L/4, L/2, 3L/4 as the official 8/16/24 of 32
+    ref, ref_logits = official_pdrop(model, inputs, layers, ratio)
+    assert [g.numel() for g in ref] == [int(576 * ratio**i) for i in (1, 2, 3)]
+    _, stats, logits = llm_input(model, inputs, "pdrop", ratio=ratio)
+    assert vtc.plan(model, "pdrop", ratio=ratio).stages[0].where == "layer:2"
+    for layer, want in zip(layers, ref):
+        assert torch.equal(stats.kept[f"layer:{layer}"][0], want)
+    torch.testing.assert_close(logits[0, -1], ref_logits, atol=1e-4, rtol=1e-4)

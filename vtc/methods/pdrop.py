@@ -112,4 +112,6 @@ class PyramidDrop(Method):
                 lo = mid
             else:
                 hi = mid
-        return pyramid_counts(n, hi, len(layers))
+        # Truncate as pyramid_counts does, forgiving the bisection's last bits (a full budget ends a hair
+        # under ratio 1 and must still keep every token).
+        return [max(1, int(n * hi**i + 1e-6)) for i in range(1, len(layers) + 1)]

@@ -35,6 +35,7 @@ from vtc.reduce import reduce_vision, resized
 
 from .adapter import Adapter
 from .decoder import LayerStages, SequenceState
+from .tome import tower_merge
 
 _MISSING = object()
 # Set on the vision output: per pooler_output entry, {"cls(<layers>)": [N], "keys<L>": [N, C],
@@ -62,6 +63,8 @@ class Installation:
         # What actually runs, for the accounting (a skipped stage costs no scoring).
         self.active_plan = dataclasses.replace(plan, stages=active)
         self.vision_stages = tuple(s for s in active if s.layer is None)
+        # A ``tome`` stage merges inside the vision tower (patches/tome.py): features arrive reduced.
+        self.tower = tower_merge(adapter, self.vision_stages)
         self.layer_stages = LayerStages(
             adapter.decoder_layers(), adapter.rotary(), tuple(s for s in active if s.layer is not None),
             state=lambda: self._seq, decoding=lambda: self._step,
@@ -94,6 +97,10 @@ class Installation:
                 for layer in sorted({*self.cls_layers, *self.key_layers, *self.mean_key_layers}):
                     module = self.adapter.vision_attention(layer)
                     self._handles.append(module.register_forward_pre_hook(self._capture(layer), with_kwargs=True))
+            if self.tower is not None:
+                if not any(m is self.base and n == "get_image_features" for m, n, _ in self._saved):
+                    self._wrap(self.base, "get_image_features", self._features_wrapper)
+                self.tower.install()
             self.layer_stages.install()
         except Exception:
             self.remove()
@@ -101,6 +108,8 @@ class Installation:
 
     def remove(self) -> None:
         self.layer_stages.remove()
+        if self.tower is not None:
+            self.tower.remove()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -237,16 +246,18 @@ class Installation:
         """The images of a prefill, in order: features, placeholder rows and tower signals."""
         entries = list(out.pooler_output)
         lengths = self.adapter.image_lengths(entries, image_mask)
+        # Merged inside the tower (tome), an image has fewer features than placeholders.
+        slots = lengths if self.tower is None else [self.info.image_tokens] * len(lengths)
         where = image_mask.nonzero()
-        if sum(lengths) != where.shape[0]:
+        if sum(slots) != where.shape[0]:
             raise VtcError(
-                f"the prompt holds {where.shape[0]} image placeholders but the images give {sum(lengths)} "
+                f"the prompt holds {where.shape[0]} image placeholders but the images give {sum(slots)} "
                 f"feature tokens: build the prompt with the model's processor"
             )
         feats = torch.cat([e.reshape(-1, e.shape[-1]) for e in entries]).split(lengths)
         captured = getattr(out, SIGNALS_ATTR, None) or {}
         per_entry = [_lookup(captured, e) for e in entries]
-        if self.needs_tower and any(sig is None for sig in per_entry):
+        if (self.needs_tower or self.tower is not None) and any(sig is None for sig in per_entry):
             raise VtcError(
                 "this method reads the vision tower's attention while it runs: pass pixel_values (not "
                 "precomputed image features) with vtc applied"
@@ -255,7 +266,7 @@ class Installation:
         if per_entry and per_entry[0] is not None:
             signals = {name: torch.cat([sig[name] for sig in per_entry]).split(lengths) for name in per_entry[0]}
         images, offset = [], 0
-        for g, (n, f) in enumerate(zip(lengths, feats)):
+        for g, (n, f) in enumerate(zip(slots, feats)):
             spot = where[offset: offset + n]
             offset += n
             sample = int(spot[0, 0])
@@ -272,6 +283,15 @@ class Installation:
 
     def _reduce_images(self, i: int, stage: Stage, images: list[Image]) -> list[torch.Tensor]:
         """Run vision stage ``i`` on every image (images of one size together); returns what each keeps."""
+        if stage.reducer == "tome":
+            # Merged inside the tower: an image keeps one placeholder row per feature, the rows of the
+            # features' lowest original patches (all its rows are consecutive, so which ones is moot).
+            for im in images:
+                if im.feats.shape[0] != im.keeps[i]:
+                    raise VtcError(f"tome: the tower gave {im.feats.shape[0]} features for an image, the plan "
+                                   f"{im.keeps[i]}; apply tome to the model that encodes the images")
+                im.index = im.signals["tome.index"].sort().values
+            return [im.index for im in images]
         groups: dict = {}
         for g, im in enumerate(images):
             k, n = im.keeps[i], im.feats.shape[0]
@@ -408,6 +428,8 @@ class Installation:
                 # The projector's input per feature token, and each token's [CLS] token alongside.
                 signals["hidden"] = self.adapter.patch_tokens(hidden, arguments)
                 signals["cls_hidden"] = self.adapter.patch_tokens(hidden[:, :1].expand_as(hidden), arguments)
+            if self.tower is not None:  # each feature token's lowest original patch index
+                signals["tome.index"] = self.adapter.patch_tokens(self.tower.feature_sources(), arguments)
             layout = self.adapter.layout(arguments)
             entries = list(out.pooler_output)
             per_entry = [{k: v[i] for k, v in signals.items()} for i in range(len(entries))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from vtc.errors import MethodNotApplicableError
 from vtc.plan import ModelInfo
 from vtc.registry import register_adapter
 
@@ -38,6 +39,18 @@ class LlavaAdapter(Adapter):
 
     def vision_attention(self, layer: int):
         return self._tower().encoder.layers[layer].self_attn
+
+    def vision_blocks(self):
+        """The tower's encoder layers, for merging inside them (``tome``): only when the features
+        are one layer's patch tokens, so that merged tokens can be the features."""
+        cfg = self.model.config
+        if not isinstance(cfg.vision_feature_layer, int) or cfg.vision_feature_select_strategy != "default":
+            raise MethodNotApplicableError(
+                f"tome merges inside the vision tower, so the features must be one layer's patch tokens; this model "
+                f"reads layer(s) {cfg.vision_feature_layer} with strategy {cfg.vision_feature_select_strategy!r}: "
+                f"use merge (bipartite merging after the tower)"
+            )
+        return self._tower().encoder.layers
 
     def _feature_layer(self) -> int:
         layer = self.model.config.vision_feature_layer

@@ -25,7 +25,8 @@ METHODS = {
     "random": ("random", {"budget": 5, "seed": 3}),
     "pdrop": ("pdrop", {"budget": 8}),
     "pool": ("pool", {"budget": 4}),
-    "tome": ("tome", {"budget": 6}),
+    "tome": ("tome", {"budget": 6}),  # LLaVA-1.5 only (merges inside the tower)
+    "merge": ("merge", {"budget": 6}),
     "visionzip": ("visionzip", {"budget": 6}),
     "aim": ("aim", {"budget": 6}),
     "aim-no-merge": ("aim", {"merged": 16, "slope": 0.4, "iters": 3, "temperature": 0.5}),
@@ -48,12 +49,14 @@ def method_cases() -> list[str]:
 
 def applies(backend: tuple, case: str) -> bool:
     """Whether a case's method runs on a backend's family: ``pool`` needs a square token grid
-    (not tiled images), ``hired`` LLaVA-NeXT's tile regions. The refusals are tested in
-    tests/test_families.py."""
+    (not tiled images), ``tome`` a tower whose tokens are the features (not tiled images),
+    ``hired`` LLaVA-NeXT's tile regions. The refusals are tested in tests/test_families.py
+    and tests/test_tome.py."""
     family = backend[2] if len(backend) > 2 else "llava"
     method = METHODS[case][0]
     names = method if isinstance(method, list) else method.split("+")
-    return not ("pool" in names and family in TILED) and not ("hired" in names and family != "llava_next")
+    untiled = ("pool", "tome")
+    return not (set(names) & set(untiled) and family in TILED) and not ("hired" in names and family != "llava_next")
 
 
 def case_args(model, case: str) -> tuple:

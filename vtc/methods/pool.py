@@ -34,7 +34,7 @@ class Pool(PreLLMTopK):
         if info.tiled:
             raise MethodNotApplicableError(
                 f"pool averages one square token grid per image; {info.family} images are tiled "
-                f"(use random, vtc_cls or tome as the pre-LLM baseline there)"
+                f"(use random, vtc_cls or merge as the pre-LLM baseline there)"
             )
         rows, cols = grid_shape(self.resolve_keep(info, budget))
         stage = Stage("vision", Scorer("none"), rows * cols, reducer="pool", positions=self.positions)

@@ -3,7 +3,8 @@
 Nothing here knows a model family: selection (:func:`topk_keep`, :func:`gather_tokens`),
 attention scores from a module's own projections (:func:`query_attention`,
 :func:`cls_attention`), merging (:func:`bipartite_soft_matching`, :func:`merge_to`,
-:func:`dominant_and_context`) and pooling (:func:`pool_grid`).
+:func:`dominant_and_context`; :func:`tome_matching` inside a ViT block) and pooling
+(:func:`pool_grid`).
 
 Example:
     >>> import torch
@@ -14,7 +15,7 @@ Example:
 """
 
 from .attention import apply_rope, attention_pagerank, cls_attention, query_attention, rotate_half
-from .merge import bipartite_soft_matching, merge_weighted
+from .merge import bipartite_soft_matching, merge_weighted, tome_matching
 from .reduce import dominant_and_context, hired_select, merge_to, pool_grid, share
 from .select import gather_tokens, left_pad, runs, topk_keep
 
@@ -34,5 +35,6 @@ __all__ = [
     "rotate_half",
     "runs",
     "share",
+    "tome_matching",
     "topk_keep",
 ]

@@ -88,3 +88,56 @@ def merge_weighted(
     merged = merge(x * size, mode="sum")
     new_size = merge(size, mode="sum")
     return merged / new_size, new_size
+
+
+def tome_matching(
+    metric: torch.Tensor, r: int, class_token: bool = True
+) -> Callable[..., torch.Tensor]:
+    """ToMe's bipartite soft matching as it runs inside a ViT block (Bolya et al., ICLR 2023).
+
+    Tokens alternate into sets A (even positions) and B (odd); each A token's edge goes to its
+    most cosine-similar B token under ``metric`` ``[B, N, C]``; the ``r`` A tokens with the
+    strongest edges are merged into their B partners (at most half the unprotected tokens).
+    With ``class_token`` the first token (in A) never merges. Returns ``merge(x, mode="mean")``
+    taking any ``[B, N, C']`` tensor to ``[B, N - r, C']`` in ToMe's order: the unmerged A
+    tokens (in their original order, so the class token stays first), then every B token.
+    ``mode`` is a ``scatter_reduce`` reduction (``"mean"``, ``"sum"``, ``"amin"``, ...); for
+    size-weighted means use :func:`merge_weighted`. ``merge.r`` is the number merged.
+
+    Unlike :func:`bipartite_soft_matching` (survivors in original order, for merging once
+    before the LLM), this keeps the official token order, so stacked blocks reproduce ToMe.
+
+    Example:
+        >>> m = torch.tensor([[[1., 1.], [1., 0.], [1., 0.1], [0., 1.], [0.5, 1.]]])
+        >>> merge = tome_matching(m, r=1)  # token 2 is closest to its partner: it merges into 1
+        >>> merge(torch.arange(5.).view(1, 5, 1), mode="amin").flatten().tolist()  # [CLS], A, then B
+        [0.0, 4.0, 1.0, 3.0]
+    """
+    n = metric.shape[1]
+    r = max(0, min(r, (n - int(class_token)) // 2))
+    if r == 0:
+        def unchanged(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+            return x
+
+        unchanged.r = 0
+        return unchanged
+    with torch.no_grad():
+        unit = metric / metric.norm(dim=-1, keepdim=True)
+        sim = unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2)  # [B, |A|, |B|]
+        if class_token:
+            sim[:, 0] = -torch.inf
+        best, partner = sim.max(dim=-1)
+        ranked = best.argsort(dim=-1, descending=True)
+        src, stay = ranked[:, :r], ranked[:, r:]
+        if class_token:
+            stay = stay.sort(dim=-1).values
+        dst = partner.gather(-1, src)
+
+    def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        a, b = x[:, ::2], x[:, 1::2]
+        width = x.shape[-1]
+        b = b.scatter_reduce(1, dst[..., None].expand(-1, -1, width), gather_tokens(a, src), reduce=mode)
+        return torch.cat([gather_tokens(a, stay), b], dim=1)
+
+    merge.r = r
+    return merge

@@ -35,7 +35,7 @@ from vtc.reduce import reduce_vision, resized
 
 from .adapter import Adapter
 from .decoder import LayerStages, SequenceState
-from .tome import tower_merge
+from .tome import padded, tower_merge
 
 _MISSING = object()
 # Set on the vision output: per pooler_output entry, {"cls(<layers>)": [N], "keys<L>": [N, C],
@@ -246,12 +246,10 @@ class Installation:
         """The images of a prefill, in order: features, placeholder rows and tower signals."""
         entries = list(out.pooler_output)
         lengths = self.adapter.image_lengths(entries, image_mask)
-        # Merged inside the tower (tome), an image has fewer features than placeholders.
-        slots = lengths if self.tower is None else [self.info.image_tokens] * len(lengths)
         where = image_mask.nonzero()
-        if sum(slots) != where.shape[0]:
+        if sum(lengths) != where.shape[0]:
             raise VtcError(
-                f"the prompt holds {where.shape[0]} image placeholders but the images give {sum(slots)} "
+                f"the prompt holds {where.shape[0]} image placeholders but the images give {sum(lengths)} "
                 f"feature tokens: build the prompt with the model's processor"
             )
         feats = torch.cat([e.reshape(-1, e.shape[-1]) for e in entries]).split(lengths)
@@ -266,7 +264,7 @@ class Installation:
         if per_entry and per_entry[0] is not None:
             signals = {name: torch.cat([sig[name] for sig in per_entry]).split(lengths) for name in per_entry[0]}
         images, offset = [], 0
-        for g, (n, f) in enumerate(zip(slots, feats)):
+        for g, (n, f) in enumerate(zip(lengths, feats)):
             spot = where[offset: offset + n]
             offset += n
             sample = int(spot[0, 0])
@@ -284,13 +282,16 @@ class Installation:
     def _reduce_images(self, i: int, stage: Stage, images: list[Image]) -> list[torch.Tensor]:
         """Run vision stage ``i`` on every image (images of one size together); returns what each keeps."""
         if stage.reducer == "tome":
-            # Merged inside the tower: an image keeps one placeholder row per feature, the rows of the
-            # features' lowest original patches (all its rows are consecutive, so which ones is moot).
+            # Merged inside the tower: the features came padded to the placeholder count (-1 sources).
+            # An image keeps one placeholder row per feature, the rows of the features' lowest original
+            # patches (all its rows are consecutive, so which ones is moot).
             for im in images:
-                if im.feats.shape[0] != im.keeps[i]:
-                    raise VtcError(f"tome: the tower gave {im.feats.shape[0]} features for an image, the plan "
-                                   f"{im.keeps[i]}; apply tome to the model that encodes the images")
-                im.index = im.signals["tome.index"].sort().values
+                sources = im.signals["tome.index"]
+                k = int((sources >= 0).sum())
+                if k != im.keeps[i]:
+                    raise VtcError(f"tome: the tower gave {k} features for an image, the plan {im.keeps[i]}; "
+                                   f"apply tome to the model that encodes the images")
+                im.feats, im.index = im.feats[:k], sources[:k].sort().values
             return [im.index for im in images]
         groups: dict = {}
         for g, im in enumerate(images):
@@ -428,8 +429,13 @@ class Installation:
                 # The projector's input per feature token, and each token's [CLS] token alongside.
                 signals["hidden"] = self.adapter.patch_tokens(hidden, arguments)
                 signals["cls_hidden"] = self.adapter.patch_tokens(hidden[:, :1].expand_as(hidden), arguments)
-            if self.tower is not None:  # each feature token's lowest original patch index
-                signals["tome.index"] = self.adapter.patch_tokens(self.tower.feature_sources(), arguments)
+            if self.tower is not None:
+                # Each feature's lowest original patch; the features padded to the image's placeholder
+                # count, which generate counts to expand them for beams (see patches/tome.py).
+                sources = self.adapter.patch_tokens(self.tower.feature_sources(), arguments)
+                signals["tome.index"] = [padded(s[:, None], self.info.image_tokens, -1)[:, 0] for s in sources]
+                out.pooler_output = self.adapter.pooler_output(
+                    [padded(e, self.info.image_tokens) for e in out.pooler_output])
             layout = self.adapter.layout(arguments)
             entries = list(out.pooler_output)
             per_entry = [{k: v[i] for k, v in signals.items()} for i in range(len(entries))]

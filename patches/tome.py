@@ -176,3 +176,18 @@ def tower_merge(adapter, stages) -> TowerMerge | None:
     merge = TowerMerge(blocks(), options["r"], class_token=info.has_cls, prop_attn=bool(options.get("prop_attn", 1)))
     merge.feature_layer = info.vision_feature_layer
     return merge
+
+
+def padded(x: torch.Tensor, n: int, value: float = 0) -> torch.Tensor:
+    """``x`` ``[k, ...]`` followed by ``n - k`` rows of ``value``.
+
+    Merged inside the tower, an image has fewer features than the prompt has placeholders for it;
+    ``generate`` splits the encoder's output among samples by counting placeholders (to expand it
+    for beams), so the features are handed on padded to the placeholder count, and the vision
+    stage cuts the padding off before the LLM sees them.
+
+    Example:
+        >>> padded(torch.ones(2, 3), 4)[:, 0].tolist()
+        [1.0, 1.0, 0.0, 0.0]
+    """
+    return torch.cat([x, x.new_full((n - x.shape[0], *x.shape[1:]), value)])

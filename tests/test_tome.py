@@ -250,3 +250,17 @@ def test_composes_with_an_in_llm_method():
         stats = vtc.stats(model)
     assert stats.tokens_entering_llm == 10 and stats.equivalent_tokens <= 5
     assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
+
+
+def test_beam_search_and_several_returns():
+    # generate splits the encoder output among samples by counting placeholders: the merged
+    # features travel padded to the placeholder count.
+    model = _model("sdpa")
+    inputs = tiny_inputs(model, batch=2, pad=[0, 2], seed=5)
+    with vtc.compressed(model, "tome", budget=5):
+        out = model.generate(**inputs, max_new_tokens=3, num_beams=3, num_return_sequences=2, do_sample=False,
+                             pad_token_id=0)
+        assert vtc.stats(model).tokens_entering_llm == 5
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    assert out.shape == (4, inputs["input_ids"].shape[1] + 3)
+    assert [f.shape[0] for f in features] == [16, 16] and all(bool((f[5:] == 0).all()) for f in features)

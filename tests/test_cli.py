@@ -21,7 +21,7 @@ def test_plan_prints_the_table(capsys):
 def test_plan_on_the_llava_next_shape(capsys):
     assert main(["plan", "--model", "llava-next-shape", "--method", "hired"]) == 0
     out = capsys.readouterr().out
-    assert "2928 visual tokens per image" in out and "hired(cls_attention@vision[0], alpha=0.5)" in out
+    assert "2928 visual tokens per image" in out and "hired(cls_attention@vision[0], alpha=0.5, vote=1, bands=0)" in out
     assert main(["plan", "--method", "hired"]) == 2  # LLaVA-1.5 has no tiles
     assert "llava_next only" in capsys.readouterr().err
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import toy_shorten  # scripts/toy_shorten.py, beside this file
 from torch import nn
 
 from vtc.eval import toy
@@ -49,6 +50,7 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 N_PAIRS = len(scenes.COLOR_NAMES) * len(scenes.SHAPES)
 IMAGE_START = 3  # <s> USER : <image>...
+SHORTEN_KINDS = ("full", "mask", "subset", "merge", "pool", "visionzip")
 KIND_WEIGHTS = {"color": 0.28, "shape": 0.28, "presence": 0.28, "count": 0.08, "left_of": 0.08}
 
 
@@ -235,7 +237,7 @@ def run_cache(args: argparse.Namespace, tower: nn.Module) -> dict:
     path = args.work / "features.pt"
     if path.exists():
         cache = torch.load(path, weights_only=False)
-        if cache["n"] == args.n_cache + args.n_val:
+        if cache["n"] == args.n_cache + args.n_val and cache.get("with_cls"):
             return cache
     tower.eval()
     rng = random.Random(f"{args.seed}-stage2-scenes")
@@ -245,7 +247,7 @@ def run_cache(args: argparse.Namespace, tower: nn.Module) -> dict:
     for start in range(0, n, 64):
         scs = [scenes.make_scene(rng) for _ in range(min(64, n - start))]
         out = tower(pixel_values=pixels([scenes.render(s) for s in scs]), output_hidden_states=True)
-        feats.append(out.hidden_states[-2][:, 1:].to(torch.float16))
+        feats.append(out.hidden_states[-2].to(torch.float16))  # [CLS] kept in column 0
         labels = [scenes.patch_labels(s) for s in scs]
         colors.append(torch.from_numpy(np.stack([c for c, _ in labels])).to(torch.int8))
         shapes.append(torch.from_numpy(np.stack([s for _, s in labels])).to(torch.int8))
@@ -254,6 +256,7 @@ def run_cache(args: argparse.Namespace, tower: nn.Module) -> dict:
             log(f"cache {start + len(scs)}/{n} ({time.time() - t0:.0f}s)")
     cache = {
         "n": n,
+        "with_cls": True,
         "feats": torch.cat(feats),
         "colors": torch.cat(colors),
         "shapes": torch.cat(shapes),
@@ -333,7 +336,7 @@ def align_targets(v: Vocab, colors: torch.Tensor, shapes: torch.Tensor, vocab_si
 def make_batch(v: Vocab, cache: dict, idx: list[int], rng: random.Random, turns: int, kinds: dict) -> dict:
     """Padded multi-turn sequences plus, per turn, the answer-predicting position and the
     image tokens of the objects the question is about (for attention supervision)."""
-    n_img = cache["feats"].shape[1]
+    n_img = cache["feats"].shape[1] - 1  # column 0 is [CLS]
     all_turns = [sample_turns(cache["scenes"][i], rng, turns, kinds) for i in idx]
     seqs = [build_sequence(v, t, n_img) for t in all_turns]
     width = max(len(s) for s, _ in seqs)
@@ -363,7 +366,8 @@ def make_batch(v: Vocab, cache: dict, idx: list[int], rng: random.Random, turns:
         "qpos": qpos,
         "focus": focus,
         "named": named,
-        "feats": cache["feats"][idx].float(),
+        "feats": cache["feats"][idx, 1:].float(),
+        "cls": cache["feats"][idx, :1].float(),
         "colors": cache["colors"][idx],
         "shapes": cache["shapes"][idx],
     }
@@ -439,27 +443,39 @@ def stage2_forward(
         align = align + (ce * weight).sum() / weight.sum()
     result = {"align": align, "loss": align}
     if qa:
-        logits = model.lm_head(out.last_hidden_state[:, :-1])
-        labels = batch["labels"][:, 1:]
-        result["qa"] = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100)
-        result["loss"] = result["qa"] + args.align_weight * align
-        keep = labels != -100
-        result["pred"], result["gold"] = logits.argmax(-1)[keep], labels[keep]
-        if probe is not None and args.attn_weight > 0:
-            att = probe.head_attention(0, batch["qpos"], batch["mask"])[:, :, span]
-            mass = (att * batch["focus"]).sum(-1)[batch["focus"].any(-1)]
-            result["attn"] = -(mass + 1e-6).log().mean()
-            result["attn_mass"] = mass.mean().detach()
-            result["loss"] = result["loss"] + args.attn_weight * result["attn"]
-        if copy_probe is not None and args.attn_weight > 0:
-            # One layer earlier, head 0 gathers the question's color/shape words at the
-            # answer position, so the look-up head above knows what to look for.
-            att = copy_probe.head_attention(0, batch["qpos"], batch["mask"])
-            has = batch["named"].any(-1)
-            mass = (att * batch["named"]).sum(-1)[has]
-            result["copy_mass"] = mass.mean().detach()
-            result["loss"] = result["loss"] - args.attn_weight * (mass + 1e-6).log().mean()
+        focus_seq = torch.zeros(batch["named"].shape, dtype=torch.bool)
+        focus_seq[:, :, span] = batch["focus"]
+        qa_losses(model, out, batch["labels"], batch["qpos"], batch["mask"], focus_seq, batch["named"], args, result,
+                  probe, copy_probe)
     return result
+
+
+def qa_losses(model, out, labels, qpos, mask, focus_seq, named, args, result: dict, probe=None, copy_probe=None):
+    """Add the answer loss and the attention supervision to ``result`` (in place).
+
+    ``focus_seq`` ``[B, turns, T]`` marks, per question, the sequence positions of the image
+    tokens it is about; ``named`` the positions of the question's color/shape words.
+    """
+    logits = model.lm_head(out.last_hidden_state[:, :-1])
+    labels = labels[:, 1:]
+    result["qa"] = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100)
+    result["loss"] = result["qa"] + args.align_weight * result["align"]
+    keep = labels != -100
+    result["pred"], result["gold"] = logits.argmax(-1)[keep], labels[keep]
+    if probe is not None and args.attn_weight > 0:
+        att = probe.head_attention(0, qpos, mask)
+        mass = (att * focus_seq).sum(-1)[focus_seq.any(-1)]
+        result["attn"] = -(mass + 1e-6).log().mean()
+        result["attn_mass"] = mass.mean().detach()
+        result["loss"] = result["loss"] + args.attn_weight * result["attn"]
+    if copy_probe is not None and args.attn_weight > 0:
+        # One layer earlier, head 0 gathers the question's color/shape words at the
+        # answer position, so the look-up head above knows what to look for.
+        att = copy_probe.head_attention(0, qpos, mask)
+        has = named.any(-1)
+        mass = (att * named).sum(-1)[has]
+        result["copy_mass"] = mass.mean().detach()
+        result["loss"] = result["loss"] - args.attn_weight * (mass + 1e-6).log().mean()
 
 
 @torch.no_grad()
@@ -480,23 +496,101 @@ def stage2_eval(model, v: Vocab, cache: dict, args: argparse.Namespace) -> dict:
     return {k: round(float(np.mean(h)), 4) for k, h in hits.items()}
 
 
-def run_stage2(args: argparse.Namespace, model, v: Vocab, cache: dict) -> dict:
-    path = args.work / "stage2.pt"
+def stage3_forward(model, v: Vocab, batch: dict, phys: dict, args: argparse.Namespace, probe=None, copy_probe=None):
+    """Stage-3 losses on shortened sequences (``toy_shorten.apply_specs``): image tokens are
+    ``projector(W @ features)`` or ``W @ projector(features)`` over [CLS] + patches."""
+    lm, proj = model.model.language_model, model.model.multi_modal_projector
+    feats = torch.cat([batch["cls"], batch["feats"]], 1)
+    w = phys["w"]
+    img = torch.where(phys["pre"][:, None, None], proj(w @ feats), w @ proj(feats))[phys["valid"]]
+    embeds = lm.embed_tokens(phys["ids"]).masked_scatter(phys["slots"].unsqueeze(-1), img)
+    out = lm(inputs_embeds=embeds, attention_mask=phys["mask"], position_ids=phys["positions"],
+             output_hidden_states=True)
+    # Alignment of each image token with the words of what it shows (merged: the mean target).
+    vocab = model.lm_head.out_features
+    target = align_targets(v, batch["colors"], batch["shapes"], vocab)
+    target = torch.cat([torch.zeros(target.shape[0], 1, vocab), target], 1)
+    weight = torch.cat([torch.zeros(w.shape[0], 1), torch.where(batch["shapes"] > 0, 1.0, 0.25)], 1)
+    wn = w / w.sum(-1, keepdim=True).clamp(min=1e-9)
+    target = (wn @ target)[phys["valid"]]
+    weight = (wn @ weight.unsqueeze(-1)).squeeze(-1)[phys["valid"]] * phys["mask"][phys["slots"]]
+    align = 0.0
+    for h in (lm.norm(out.hidden_states[args.align_layer][phys["slots"]]), out.last_hidden_state[phys["slots"]]):
+        ce = -(target * F.log_softmax(model.lm_head(h), -1)).sum(-1)
+        align = align + (ce * weight).sum() / weight.sum().clamp(min=1e-9)
+    result = {"align": align, "loss": align}
+    qa_losses(model, out, phys["labels"], phys["qpos"], phys["mask"], phys["focus_seq"], phys["named"], args, result,
+              probe, copy_probe)
+    return result
+
+
+def shortened(v: Vocab, batch: dict, rng: random.Random, mix: dict, **fixed) -> dict:
+    """The physical batch of ``batch`` with each row rewritten by ``toy_shorten.row_spec``."""
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    specs = [
+        toy_shorten.row_spec(rng, gen, batch["feats"][r], batch["shapes"][r], mix, **fixed)
+        for r in range(batch["feats"].shape[0])
+    ]
+    return toy_shorten.apply_specs(batch, specs, v.id["<image>"], v.id["<pad>"])
+
+
+# Conditions of the stage-3 check: kept count, kind and position rule fixed per condition.
+STAGE3_CHECKS = {
+    "full": {"kind": "full"},
+    "random16_compact": {"kind": "subset", "k": 16, "biased": False, "keep_positions": False},
+    "random16_kept": {"kind": "subset", "k": 16, "biased": False, "keep_positions": True},
+    "random48_compact": {"kind": "subset", "k": 48, "biased": False, "keep_positions": False},
+    "object16_compact": {"kind": "subset", "k": 16, "biased": True, "keep_positions": False},
+    "merge16_compact": {"kind": "merge", "k": 16, "biased": True, "keep_positions": False, "pre": True},
+    "visionzip16": {"kind": "visionzip", "k": 16},
+    "pool36": {"kind": "pool", "k": 36, "keep_positions": False, "pre": True},
+}
+
+
+@torch.no_grad()
+def stage3_eval(model, v: Vocab, cache: dict, args: argparse.Namespace) -> dict:
+    """Teacher-forced first-answer accuracy on the held-out cached images, per condition."""
+    model.eval()
+    val = list(range(args.n_cache, args.n_cache + args.n_val))
+    kinds = {k: 1.0 for k in scenes.REQUIRED_KINDS}
+    result = {}
+    for name, fixed in STAGE3_CHECKS.items():
+        rng = random.Random(f"{args.seed}-stage3-val")  # same questions for every condition
+        hits = []
+        for start in range(0, len(val), 64):
+            idx = val[start : start + 64]
+            batch = make_batch(v, cache, idx, rng, 1, kinds)
+            res = stage3_forward(model, v, batch, shortened(v, batch, rng, {}, **fixed), args)
+            hits.extend((res["pred"].view(len(idx), 2)[:, 0] == res["gold"].view(len(idx), 2)[:, 0]).tolist())
+        result[name] = round(float(np.mean(hits)), 4)
+    model.train()
+    return result
+
+
+def run_lm_stage(args: argparse.Namespace, model, v: Vocab, cache: dict, stage: str) -> dict:
+    """Train the projector and the LM: ``stage2`` (alignment, then QA with tokens hidden by
+    the mask) or ``stage3`` (QA on shortened sequences, from stage 2's weights)."""
+    path = args.work / f"{stage}.pt"
     ck = load_ckpt(path)
     modules = nn.ModuleList([model.model.multi_modal_projector, model.model.language_model])
     if ck is not None and ck.get("done"):
         modules.load_state_dict(ck["modules"])
-        log(f"stage2: done already ({ck['metrics']})")
+        log(f"{stage}: done already ({ck['metrics']})")
         return ck["metrics"]
-    opt = torch.optim.AdamW(modules.parameters(), lr=args.lr2, betas=(0.9, 0.98), weight_decay=0.01)
+    s2 = stage == "stage2"
+    total, base_lr, warmup = (args.stage2_steps, args.lr2, 100) if s2 else (args.stage3_steps, args.lr3, 50)
+    evaluate = stage2_eval if s2 else stage3_eval
+    mix = dict(zip(SHORTEN_KINDS, args.shorten_mix, strict=True))
+    opt = torch.optim.AdamW(modules.parameters(), lr=base_lr, betas=(0.9, 0.98), weight_decay=0.01)
     step = 0
     if ck is not None:
         modules.load_state_dict(ck["modules"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
-        log(f"stage2: resumed at step {step}/{args.stage2_steps}")
+        log(f"{stage}: resumed at step {step}/{total}")
+    elif not s2:
+        log(f"stage3: before training, val (teacher-forced): {evaluate(model, v, cache, args)}")
     model.train()
-    total = args.stage2_steps
 
     def snapshot(done: bool = False, metrics: dict | None = None) -> None:
         save_atomic(
@@ -512,14 +606,18 @@ def run_stage2(args: argparse.Namespace, model, v: Vocab, cache: dict) -> dict:
     n0 = step
     while step < total:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, args.lr2, 100)
-        rng = batch_rng(args.seed, "s2", step)
+            g["lr"] = lr_at(step, total, base_lr, warmup)
+        rng = batch_rng(args.seed, "s2" if s2 else "s3", step)
         idx = rng.sample(range(args.n_cache), args.batch2)
-        qa = step >= args.align_steps
+        qa = not s2 or step >= args.align_steps
         batch = make_batch(v, cache, idx, rng, args.turns, KIND_WEIGHTS)
-        if qa and step >= args.drop_from:
-            drop_image_tokens(batch, rng, args.drop_prob)
-        res = stage2_forward(model, v, batch, args, qa=qa, probe=probe, copy_probe=copy_probe)
+        if s2:
+            if qa and step >= args.drop_from:
+                drop_image_tokens(batch, rng, args.drop_prob)
+            res = stage2_forward(model, v, batch, args, qa=qa, probe=probe, copy_probe=copy_probe)
+        else:
+            phys = shortened(v, batch, rng, mix)
+            res = stage3_forward(model, v, batch, phys, args, probe=probe, copy_probe=copy_probe)
         opt.zero_grad(set_to_none=True)
         res["loss"].backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
@@ -542,18 +640,18 @@ def run_stage2(args: argparse.Namespace, model, v: Vocab, cache: dict) -> dict:
                 else ""
             )
             log(
-                f"stage2 step {step}/{total} align {np.mean(hist['align'][-20:]):.4f}{qa_txt} "
+                f"{stage} step {step}/{total} align {np.mean(hist['align'][-20:]):.4f}{qa_txt} "
                 f"{rate:.2f}s/step eta {rate * (total - step) / 60:.1f} min"
             )
         if step % args.eval_every == 0 and qa:
-            log(f"stage2 val (teacher-forced, per kind): {stage2_eval(model, v, cache, args)}")
+            log(f"{stage} val (teacher-forced): {evaluate(model, v, cache, args)}")
         if time.time() - last_save > args.save_every:
             snapshot()
             last_save = time.time()
     probe.handle.remove()
     copy_probe.handle.remove()
-    metrics = stage2_eval(model, v, cache, args)
-    log(f"stage2 final val (teacher-forced): {metrics}")
+    metrics = evaluate(model, v, cache, args)
+    log(f"{stage} final val (teacher-forced): {metrics}")
     snapshot(done=True, metrics=metrics)
     return metrics
 
@@ -656,6 +754,22 @@ def run_final(args: argparse.Namespace, model, processor) -> dict:
     return result
 
 
+def init_from(args: argparse.Namespace, model) -> None:
+    """Write finished stage-1 and stage-2 checkpoints from a saved toy model (once), so that
+    stage 3 fine-tunes it: how toy v2 was made from the shipped v1."""
+    from transformers import LlavaForConditionalGeneration
+
+    if (args.work / "stage1.pt").exists() or (args.work / "stage2.pt").exists():
+        return
+    src = LlavaForConditionalGeneration.from_pretrained(args.init_from)
+    metrics = {"init_from": str(args.init_from)}
+    save_atomic({"tower": src.model.vision_tower.state_dict(), "done": True, "metrics": metrics},
+                args.work / "stage1.pt")
+    modules = nn.ModuleList([src.model.multi_modal_projector, src.model.language_model])
+    save_atomic({"modules": modules.state_dict(), "done": True, "metrics": metrics}, args.work / "stage2.pt")
+    log(f"stages 1 and 2 taken from {args.init_from}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -689,13 +803,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--drop-from", type=int, default=556, help="first stage-2 step of token-drop augmentation (shipped run: 556)"
     )
+    p.add_argument("--stage3-steps", type=int, default=1000, help="shortened-sequence fine-tuning steps (0: skip)")
+    p.add_argument("--lr3", type=float, default=3e-4)
+    p.add_argument(
+        "--shorten-mix", type=lambda t: [float(x) for x in t.split(",")], default=[0.15, 0.15, 0.3, 0.2, 0.1, 0.1],
+        help=f"stage-3 weights of the row kinds {','.join(SHORTEN_KINDS)}",
+    )
+    p.add_argument(
+        "--init-from", type=Path, default=None,
+        help="a saved toy model whose tower and projector+LM stand for finished stages 1 and 2",
+    )
     p.add_argument("--batch2", type=int, default=16)
     p.add_argument("--turns", type=int, default=8, help="questions per image per sequence")
     p.add_argument("--lr2", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
-    p.add_argument("--stop-after", choices=["stage1", "cache", "stage2"], default=None)
+    p.add_argument("--stop-after", choices=["stage1", "cache", "stage2", "stage3"], default=None)
     return p.parse_args(argv)
 
 
@@ -715,6 +839,8 @@ def main(argv: list[str] | None = None) -> None:
         f"projector+LM {sum(p.numel() for p in model.model.language_model.parameters()) / 1e6:.2f}M"
     )
     tower = model.model.vision_tower
+    if args.init_from is not None:
+        init_from(args, model)
     run_stage1(args, tower)
     tower.requires_grad_(False)
     if args.stop_after == "stage1":
@@ -722,8 +848,13 @@ def main(argv: list[str] | None = None) -> None:
     cache = run_cache(args, tower)
     if args.stop_after == "cache":
         return
-    run_stage2(args, model, Vocab(processor.tokenizer), cache)
+    vocab = Vocab(processor.tokenizer)
+    run_lm_stage(args, model, vocab, cache, "stage2")
     if args.stop_after == "stage2":
+        return
+    if args.stage3_steps > 0:
+        run_lm_stage(args, model, vocab, cache, "stage3")
+    if args.stop_after == "stage3":
         return
     run_final(args, model, processor)
     log("all done")

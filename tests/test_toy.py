@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 import types
 from pathlib import Path
 
@@ -132,6 +133,8 @@ def test_processor_expands_image_and_template():
 
 
 def _train_script() -> types.ModuleType:
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))  # train_toy imports toy_shorten from beside it
     spec = importlib.util.spec_from_file_location("train_toy", ROOT / "scripts" / "train_toy.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -150,6 +153,90 @@ def test_training_inputs_match_processor():
     assert proc.tokenizer.decode(ids[n:]) == f"{rec.answer} </s>"
     assert labels[:n] == [-100] * n
     assert np.allclose(train.pixels([rec.image]).numpy(), enc["pixel_values"].numpy(), atol=1e-5)
+
+
+def _training_batch(train, n: int = 3):
+    """A stage-2 batch built by the training script from freshly rendered scenes (no cache)."""
+    import random
+
+    import torch
+
+    rng = random.Random(0)
+    scs = [scenes.make_scene(rng) for _ in range(n)]
+    labels = [scenes.patch_labels(sc) for sc in scs]
+    cache = {
+        "feats": torch.randn(n, 145, 8),
+        "colors": torch.from_numpy(np.stack([c for c, _ in labels])),
+        "shapes": torch.from_numpy(np.stack([s for _, s in labels])),
+        "scenes": scs,
+    }
+    vocab = train.Vocab(build.build_processor().tokenizer)
+    return vocab, train.make_batch(vocab, cache, list(range(n)), rng, 2, train.KIND_WEIGHTS)
+
+
+def test_shortened_rows_keep_text_answers_and_focus():
+    """Stage 3's shortened sequences: text and answers shifted with the image span, positions
+    re-indexed or kept, each question's focus moved onto the tokens that contain its objects."""
+    import random
+
+    import torch
+
+    train = _train_script()
+    import toy_shorten as S
+
+    vocab, batch = _training_batch(train)
+    gen = torch.Generator().manual_seed(0)
+    rng = random.Random(1)
+    full = [S.row_spec(rng, gen, batch["feats"][r], batch["shapes"][r], {}, kind="full") for r in range(3)]
+    same = S.apply_specs(batch, full, vocab.id["<image>"], vocab.id["<pad>"])
+    for key in ("ids", "labels", "mask", "qpos", "named"):
+        assert torch.equal(same[key], batch[key]), key
+    assert torch.equal(same["focus_seq"][:, :, 3:147], batch["focus"])
+
+    specs = [
+        S.row_spec(rng, gen, batch["feats"][0], batch["shapes"][0], {}, kind="subset", k=10, keep_positions=False),
+        S.row_spec(rng, gen, batch["feats"][1], batch["shapes"][1], {}, kind="subset", k=20, keep_positions=True),
+        S.row_spec(rng, gen, batch["feats"][2], batch["shapes"][2], {}, kind="merge", k=12, keep_positions=False),
+    ]
+    phys = S.apply_specs(batch, specs, vocab.id["<image>"], vocab.id["<pad>"])
+    for r, spec in enumerate(specs):
+        k = len(spec.pos)
+        assert (phys["ids"][r] == vocab.id["<image>"]).sum() == k
+        text_old = batch["ids"][r, 147 : int(batch["mask"][r].sum())]
+        assert torch.equal(phys["ids"][r, 3 + k : 3 + k + len(text_old)], text_old)
+        answers = phys["labels"][r].gather(0, phys["qpos"][r] + 1)
+        assert torch.equal(answers, batch["labels"][r].gather(0, batch["qpos"][r] + 1))
+        members = spec.w[:, 1:] > 0
+        for t in range(2):
+            want = (members & batch["focus"][r, t]).any(-1)
+            assert torch.equal(phys["focus_seq"][r, t, 3 : 3 + k], want)
+    n_text = int(phys["mask"][0].sum())
+    assert torch.equal(phys["positions"][0, :n_text], torch.arange(n_text))
+    assert torch.equal(phys["positions"][1, 3:23], 3 + specs[1].pos)
+    assert phys["positions"][1, 23] == 147  # text keeps its original positions too
+    merged = specs[2].w
+    assert torch.allclose(merged.sum(-1), torch.ones(12)) and ((merged[:, 1:] > 0).sum(0) == 1).all()
+
+
+def test_visionzip_rows_follow_the_official_layout():
+    """[CLS] first, dominant patches (raster order), then contextual tokens that are the
+    target plus (or averaged with) the mean of their group; every patch used once."""
+    import random
+
+    import torch
+
+    train = _train_script()
+    import toy_shorten as S
+
+    _, batch = _training_batch(train, 1)
+    gen = torch.Generator().manual_seed(0)
+    w, pos = S.visionzip_rows(random.Random(0), gen, batch["feats"][0, 1:], batch["shapes"][0], 16)
+    assert w[0, 0] == 1 and w[0, 1:].sum() == 0
+    contextual = round(16 * 10 / 64)
+    dominant = w[1 : len(w) - contextual]
+    assert len(w) == 16 and (dominant.sum(-1) == 1).all() and (pos[1 : len(w) - contextual].diff() > 0).all()
+    assert ((w[:, 1:] > 0).sum(0) == 1).all()
+    assert all(float(t) in (1.0, 2.0) for t in w[len(w) - contextual :].sum(-1).round(decimals=5))
 
 
 shipped = pytest.mark.skipif(

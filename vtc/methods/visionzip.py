@@ -45,7 +45,7 @@ class VisionZip(PreLLMTopK):
     def compile(self, info: ModelInfo, budget=None) -> Plan:
         if not info.has_cls:
             raise MethodNotApplicableError(
-                f"visionzip needs a vision [CLS] token, which this {info.family} model lacks; use tome"
+                f"visionzip needs a vision [CLS] token, which this {info.family} model lacks; use merge"
             )
         keep = self.resolve_keep(info, budget)
         frac = 54 / 64 if self.dominant is None else self.dominant

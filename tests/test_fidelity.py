@@ -219,3 +219,82 @@ def test_pdrop_keeps_the_official_tokens(attn, ratio):
     for layer, want in zip(layers, ref):
         assert torch.equal(stats.kept[f"layer:{layer}"][0], want)
     torch.testing.assert_close(logits[0, -1], ref_logits, atol=1e-4, rtol=1e-4)
+
+
+# -- FastV -------------------------------------------------------------------------------
+def official_fastv(model, inputs, agg_layer: int, rank: int):
+    """pkunlp-icler/FastV @d165972,
+    ``src/transformers/src/transformers/models/llama/modeling_llama.py``, the in-place variant
+    (``fast_v_inplace``, L717-760): decoder layers run unchanged up to ``AGG_LAYER`` (K); at
+    ``idx == AGG_LAYER`` the attention probabilities layer K-1 returned (``layer_outputs[1]``,
+    L738: eager ``softmax(q k^T / sqrt(hd) + causal mask)`` in fp32 after RoPE and ``repeat_kv``,
+    L306-349) are averaged over heads for sample 0 (L740), the last row taken (L742), cut to the
+    image span ``[SYS_LENGTH, SYS_LENGTH + IMAGE_TOKEN_LENGTH)`` (L744), its top ``ATTENTION_RANK`` kept
+    (L746) with every other token, sorted (L748-750); the survivors keep their original
+    positions (``position_ids = keep_indexs``, L756) under a fresh causal mask (L758-760).
+    ``rank`` is ``fast_v_attention_rank``, a count (the lmms-eval script
+    ``src/FastV/lmms-eval/fastv_kvcache.py`` L125 passes ``int(576 * ratio)``).
+    Returns the kept grid indices and the last row's logits."""
+    lm = model.model.language_model
+    ids = inputs["input_ids"]
+    image = ids[0] == model.config.image_token_id
+    start, n = int(image.nonzero()[0, 0]), int(image.sum())
+    with torch.no_grad():
+        h = lm.embed_tokens(ids)
+        h[0, image] = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+        t = h.shape[1]
+        pos = torch.arange(t)[None]
+        causal = torch.full((t, t), torch.finfo(h.dtype).min).triu(1)[None, None]
+        mask, kept, probs = causal, None, None
+        for idx, layer in enumerate(lm.layers):
+            if idx == agg_layer:
+                w = probs.mean(dim=1)[0][-1]
+                top = w[start: start + n].topk(rank).indices + start
+                keep = torch.cat([torch.arange(start), top, torch.arange(start + n, t)]).sort().values
+                h, pos = h[:, keep], keep[None]
+                mask = causal[..., : keep.numel(), : keep.numel()]
+                kept = top.sort().values - start
+            if idx == agg_layer - 1:
+                logits = _attention_logits(layer, h, lm.rotary_emb(h, pos)) + mask
+                probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            h = layer(h, attention_mask=mask, position_embeddings=lm.rotary_emb(h, pos), position_ids=pos)
+        logits = model.lm_head(lm.norm(h))[0, -1]
+    return kept, logits
+
+
+def _attention_logits(layer, h, cos_sin):
+    """``q k^T / sqrt(hd)`` of a Llama-style layer as FastV's ``LlamaAttention.forward`` computes
+    it (``modeling_llama.py`` L306-333): q/k projections of the normed input, RoPE, ``repeat_kv``."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    b, t, _ = x.shape
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(b, t, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2)
+    cos, sin = cos_sin
+    q = q * cos[:, None] + _rotate(q) * sin[:, None]
+    k = k * cos[:, None] + _rotate(k) * sin[:, None]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return q @ k.transpose(-1, -2) / math.sqrt(hd)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_fastv_keeps_the_official_tokens(attn, kv_heads):
+    model = _model(attn, vision_layers=2, layers=6, kv_heads=kv_heads)
+    inputs = tiny_inputs(model, seed=7)
+    for agg_layer, rank in [(2, 288), (1, 100), (3, 173), (5, 64)]:
+        ref, ref_logits = official_fastv(model, inputs, agg_layer, rank)
+        _, stats, logits = llm_input(model, inputs, "fastv", layer=agg_layer, keep=rank)
+        assert torch.equal(stats.kept[f"layer:{agg_layer}"][0], ref), (agg_layer, rank)
+        torch.testing.assert_close(logits[0, -1], ref_logits, atol=1e-4, rtol=1e-4)
+    # R as a ratio: the official lmms-eval script keeps int(576 * ratio) (172 at 0.3, not 173).
+    ref, _ = official_fastv(model, inputs, 3, int(576 * 0.3))
+    _, stats, _ = llm_input(model, inputs, "fastv", layer=3, keep=0.3)
+    assert torch.equal(stats.kept["layer:3"][0], ref)
+
+
+def test_fastv_defaults_are_the_papers():
+    model = _model("sdpa", vision_layers=2, layers=6)
+    stage = vtc.plan(model, "fastv").stages[0]
+    assert (stage.where, stage.scorer.layers, stage.keep, stage.positions) == ("layer:2", (1,), 288, "keep")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vtc.budget import keep_count, resolve_count
+from vtc.budget import resolve_count
 from vtc.errors import BudgetError, VtcError
 from vtc.plan import ModelInfo, Plan, Scorer, Stage
 from vtc.registry import register_method
@@ -19,7 +19,8 @@ class FastV(Method):
     (mean over heads); keep the top ``keep`` per image from layer ``layer`` on; survivors keep
     their original RoPE positions; prefill only.
 
-    Defaults (the paper's): ``layer=2``, ``keep=0.5``. A ``budget`` (equivalent tokens)
+    Defaults (the paper's): ``layer=2``, ``keep=0.5``; a fractional ``keep`` is truncated,
+    ``int(N * keep)``, as the official script does. A ``budget`` (equivalent tokens)
     solves ``keep = (budget * L - layer * N) / (L - layer)``; so FastV cannot go below
     ``layer / L`` of the tokens.
 
@@ -43,7 +44,7 @@ class FastV(Method):
         if budget is not None and self.keep is not None:
             raise BudgetError("fastv: give either budget (equivalent tokens) or keep (tokens after the layer)")
         if budget is None:
-            keep = keep_count(self.keep if self.keep is not None else 0.5, n)
+            keep = max(1, int(resolve_count(self.keep if self.keep is not None else 0.5, n, "keep")))
         else:
             target = resolve_count(budget, n)
             keep = round((target * num_layers - k_layer * n) / (num_layers - k_layer))

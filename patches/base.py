@@ -293,18 +293,21 @@ class Installation:
                                    f"apply tome to the model that encodes the images")
                 im.feats, im.index = im.feats[:k], sources[:k].sort().values
             return [im.index for im in images]
+        # own_count: the reducer sizes each image's selection itself and may drop protected tokens.
+        own = bool(dict(stage.options).get("own_count"))
         groups: dict = {}
         for g, im in enumerate(images):
             k, n = im.keeps[i], im.feats.shape[0]
             if k >= n:
                 continue
-            shielded = im.protected is not None and 0 < int(im.protected[im.index].sum()) < k
-            groups.setdefault(("alone", g) if shielded else (n, k), []).append(g)
+            shielded = not own and im.protected is not None and 0 < int(im.protected[im.index].sum()) < k
+            groups.setdefault(("alone", g) if shielded or own else (n, k), []).append(g)
         for members in groups.values():
             ims = [images[g] for g in members]
             feats = torch.stack([im.feats for im in ims])
             scores, metric, layout = self._vision_signals(stage, ims)
             protected = ims[0].protected[ims[0].index] if len(ims) == 1 and ims[0].protected is not None else None
+            protected = None if own else protected
             options = dict(stage.options)
             pre = bool(options.get("pre"))
             if pre and "hidden" not in ims[0].signals:
@@ -321,6 +324,8 @@ class Installation:
                 reduced = self.adapter.project(reduced).to(ims[0].feats.dtype)
             for j, im in enumerate(ims):
                 im.feats, im.index = reduced[j], im.index[local[j]]
+                if own:  # later stages keep no more than this one left
+                    im.keeps[i:] = [min(k, im.index.numel()) for k in im.keeps[i:]]
         return [im.index for im in images]
 
     def _reduce_inputs(self, a: dict, rows: torch.Tensor, pad: torch.Tensor, ragged: bool, compact: bool) -> None:

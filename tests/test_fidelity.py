@@ -298,3 +298,84 @@ def test_fastv_defaults_are_the_papers():
     model = _model("sdpa", vision_layers=2, layers=6)
     stage = vtc.plan(model, "fastv").stages[0]
     assert (stage.where, stage.scorer.layers, stage.keep, stage.positions) == ("layer:2", (1,), 288, "keep")
+
+
+# -- HiRED -------------------------------------------------------------------------------
+def official_hired(model, inputs, rate: float, alpha: float) -> list[torch.Tensor]:
+    """hasanar1f/HiRED @502d6dd, ``transformers/src/transformers/models/llava_next/modeling_llava_next.py``:
+    [CLS] attention of vision layers 0 and depth-2 (``vit_top_layer = 0``, ``vit_bottom_layer = 22``,
+    L966-967) recomputed from the hooked ``q_proj``/``k_proj`` outputs as
+    ``softmax(q k^T * hd**-0.5)`` (``ViT_Attn_Hook``, L48-96), row 0, the last 576 columns, summed
+    over heads (L528-535); per image ``HiRED_token_selection`` (L538-557): budget
+    ``int(crops * 576 * rate)``, base ``min(int(budget * alpha), 576)`` by the late layer, tiles
+    ``min(rest, (crops - 1) * 576)`` shared by ``HiRED_sub_img_budgets`` (L508-516: the top
+    ``int(576 * (1 - alpha))`` early tokens, the flat map reshaped to (rows, cols, -1) and
+    summed, ``(ratio * budget).int()`` capped at 576), each tile its top by the late layer;
+    packed with ``image_newline=None`` (L1008-1013, ``pack_HiRED_image_features`` L804-851: the
+    base image's kept tokens, then the tile grid's row by row, no row ends). Returns each image's
+    kept tokens as positions among the model's packed tokens (row ends included), for images
+    that fill their canvas (no unpadding)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    cfg = model.config
+    encoder = model.model.vision_tower.encoder  # the fork's vision_tower.vision_model.encoder
+    depth, heads = cfg.vision_config.num_hidden_layers, cfg.vision_config.num_attention_heads
+    g = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    grids = [get_anyres_image_grid_shape(hw.tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+             for hw in inputs["image_sizes"]]
+    crops = [1 + r * c for r, c in grids]
+    pixels = torch.cat([p[:n] for p, n in zip(inputs["pixel_values"], crops)])
+    cls = {}
+    for layer in (0, depth - 2):
+        out, handles = {}, []
+        for name in ("q_proj", "k_proj"):
+            module = getattr(encoder.layers[layer].self_attn, name)
+            handles.append(module.register_forward_hook(lambda m, a, o, name=name, out=out: out.__setitem__(name, o)))
+        with torch.no_grad():
+            model.model.vision_tower(pixels, output_hidden_states=True)
+        for h in handles:
+            h.remove()
+        b, t, d = out["q_proj"].shape
+        q, k = (out[n].view(b, t, heads, d // heads).transpose(1, 2) for n in ("q_proj", "k_proj"))
+        attn = torch.softmax(q @ k.transpose(-2, -1) * (d // heads) ** -0.5, dim=-1)
+        cls[layer] = attn[:, :, 0, -g * g:].sum(dim=1).split(crops)
+    kept = []
+    for i, ((rows, cols), n) in enumerate(zip(grids, crops)):
+        top, bottom = cls[0][i], cls[depth - 2][i]
+        mask = torch.zeros(n, g * g, dtype=torch.bool)
+        total = int(n * g * g * rate)
+        full = min(int(total * alpha), g * g)
+        sub = min(total - full, (n - 1) * g * g)
+        mask[0, bottom[0].topk(full).indices] = True
+        if sub > 0:
+            spatial = torch.zeros(g * g, dtype=torch.bool)
+            spatial[top[0].topk(int(g * g * (1 - alpha))).indices] = True
+            counts = spatial.reshape(rows, cols, -1).sum(dim=-1).reshape(-1)
+            budgets = torch.clamp((counts / counts.sum() * sub).int(), max=g * g)
+            for t, k in enumerate(budgets):
+                mask[t + 1, bottom[t + 1].topk(int(k)).indices] = True
+        base = mask[0].nonzero()[:, 0]
+        tile, patch = mask[1:].nonzero().unbind(1)
+        row = (tile // cols) * g + patch // g
+        col = (tile % cols) * g + patch % g
+        kept.append(torch.cat([base, (g * g + row * (cols * g + 1) + col).sort().values]))
+    return kept
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_hired_official_keeps_the_official_tokens(attn):
+    from vtc.testing import tiled_inputs, tiny_llava_next
+
+    model = tiny_llava_next(tile=112, vision_layers=4, layers=2, attn=attn)
+    images = [[(112, 224), (224, 224), (224, 112)], [(224, 224), (112, 224), (224, 112)]]
+    inputs = tiled_inputs(model, images=images, seed=4)
+    for rate, alpha in [(0.2, 0.5), (0.35, 0.3), (0.1, 0.8)]:
+        ref = official_hired(model, inputs, rate, alpha)
+        embeds, stats, _ = llm_input(model, inputs, "hired", budget=rate, alpha=alpha, official=True)
+        got = stats.kept["vision"]
+        assert len(got) == len(ref) == 6
+        for mine, want in zip(got, ref):
+            assert torch.equal(mine, want), (rate, alpha)
+        kept = [sum(k.numel() for k in ref[:3]), sum(k.numel() for k in ref[3:])]
+        text = (inputs["input_ids"] != model.config.image_token_id).sum(dim=1)
+        assert embeds.shape[1] == int((text + torch.tensor(kept)).max())

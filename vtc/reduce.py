@@ -46,6 +46,8 @@ def reduce_vision(
         index, order = index.sort(dim=1)
         both = torch.cat([feats[:, fixed], reduced], dim=1)
         return ops.gather_tokens(both, order), index
+    if stage.reducer == "hired" and dict(stage.options).get("official"):
+        return _hired_official(stage, feats, scores, metric, layout)
     if stage.reducer == "hired":
         options = dict(stage.options)
         alpha = options.get("alpha", 0.5)
@@ -73,6 +75,18 @@ def reduce_vision(
         return ops.dominant_and_context(feats, scores, metric if metric is not None else feats, dominant,
                                         stage.keep - dominant, cls if options.get("cls") else None)
     raise ValueError(f"unknown reducer {stage.reducer!r}")
+
+
+def _hired_official(stage: Stage, feats, scores, metric, layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """HiRED's official selection (:func:`vtc.ops.hired_official`): its own count per image, row
+    ends dropped; images of one call must keep as many tokens (the adapter passes one at a time)."""
+    options = dict(stage.options)
+    keep = [ops.hired_official(scores[i], metric[i], layout["tile"][i], layout["band"][i],
+                               options["rate"], options.get("alpha", 0.5)) for i in range(feats.shape[0])]
+    if len({k.numel() for k in keep}) > 1:
+        raise ValueError("hired official keeps a different count per image: reduce the images one at a time")
+    keep = torch.stack(keep)
+    return ops.gather_tokens(feats, keep), keep
 
 
 def resized(stage: Stage, keep: int) -> Stage:

@@ -16,7 +16,7 @@ Example:
 
 from .attention import apply_rope, attention_pagerank, cls_attention, query_attention, rotate_half
 from .merge import bipartite_soft_matching, merge_weighted, tome_matching
-from .reduce import dominant_and_context, hired_select, merge_to, pool_grid, share
+from .reduce import dominant_and_context, hired_official, hired_select, merge_to, pool_grid, share
 from .select import gather_tokens, left_pad, runs, topk_keep
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "cls_attention",
     "dominant_and_context",
     "gather_tokens",
+    "hired_official",
     "hired_select",
     "left_pad",
     "merge_to",

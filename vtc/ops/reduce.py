@@ -200,3 +200,39 @@ def hired_select(late: torch.Tensor, early: torch.Tensor, tile: torch.Tensor, re
                 mine = (tile == t).nonzero()[:, 0]
                 chosen.append(mine[topk_keep(late[mine][None], k)[0]])
     return torch.cat(chosen).sort().values
+
+
+def hired_official(late: torch.Tensor, early: torch.Tensor, tile: torch.Tensor, band: torch.Tensor,
+                   rate: float = 0.2, alpha: float = 0.5) -> torch.Tensor:
+    """HiRED's official selection for one LLaVA-NeXT image, returned ascending (its count is the
+    official one, not a parameter).
+
+    ``tile`` as :func:`hired_select` (0 the base image, ``1..T`` the tiles, ``-1`` row ends,
+    never kept); ``band`` the tile the official code credits a base token to. As
+    ``HiRED_token_selection``: budget ``int(crops * g * rate)`` with ``g`` the base image's
+    tokens and ``crops = T + 1``; the base image keeps its ``min(int(budget * alpha), g)`` best
+    ``late`` tokens; the tiles share ``min(rest, T g)`` in proportion to where the base
+    image's ``int(g * (1 - alpha))`` best ``early`` tokens fall, each share truncated
+    (``int()``, capped at ``g``), each tile keeping its best ``late`` tokens.
+
+    Example:
+        >>> tile = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+        >>> band = torch.tensor([1, 1, 2, 2, 1, 1, 1, 1, 2, 2, 2, 2])
+        >>> early = torch.tensor([9., 8., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0.])  # band 1 votes
+        >>> hired_official(torch.arange(12.), early, tile, band, rate=0.5)  # budget 6: 3 + (3, 0)
+        tensor([1, 2, 3, 5, 6, 7])
+    """
+    base = (tile == 0).nonzero()[:, 0]
+    g, crops = base.numel(), int(tile.max()) + 1
+    total = int(crops * g * rate)
+    kb = min(int(total * alpha), g)
+    kt = min(total - kb, (crops - 1) * g)
+    chosen = [base[late[base].topk(kb).indices]]
+    votes = base[early[base].topk(int(g * (1 - alpha))).indices]
+    counts = torch.stack([(band[votes] == t).sum() for t in range(1, crops)]) if crops > 1 else None
+    if kt > 0 and counts is not None and int(counts.sum()) > 0:
+        shares = (counts / counts.sum() * kt).int().clamp(max=g)  # float32 and int(), as the official code
+        for t, k in enumerate(shares.tolist(), start=1):
+            mine = (tile == t).nonzero()[:, 0]
+            chosen.append(mine[late[mine].topk(min(k, mine.numel())).indices])
+    return torch.cat(chosen).sort().values

@@ -91,7 +91,9 @@ class Stage:
     (``reducer``), with ``metric`` the similarity they merge by and ``options`` the
     reducer's settings (``dominant+context``: ``dominant``, the count of dominant tokens;
     ``cls`` 1 to keep the tower's [CLS] token as the first of them; ``pre`` 1 to merge the
-    vision tower's features before the projector, which then projects the result).
+    vision tower's features before the projector, which then projects the result; any
+    reducer: ``own_count`` 1 when the reducer sizes each image's selection itself (not by ``keep``)
+    and may drop the adapter's protected tokens, as HiRED's official mode).
 
     Example:
         >>> Stage("layer:2", Scorer("query_attention", (1,)), keep=288).layer

@@ -31,8 +31,8 @@ class HiRED(PreLLMTopK):
     ``official=True`` selects what the official code selects: the budget (a fraction, the
     official ``token_budget_rate``) counts raw crops, ``int(crops * 576 * rate)`` per image;
     tile shares are truncated; regions are the official bands; row ends are dropped. Each
-    image then keeps its own official count (at most the plan's); vtc.stats and the plan
-    report the plan's count of ``rate`` of the packed tokens.
+    image then keeps its own official count; the plan and vtc.stats still count ``rate`` of
+    the packed tokens (usually a few more).
 
     Example:
         >>> from vtc.plan import ModelInfo

@@ -379,3 +379,14 @@ def test_hired_official_keeps_the_official_tokens(attn):
         kept = [sum(k.numel() for k in ref[:3]), sum(k.numel() for k in ref[3:])]
         text = (inputs["input_ids"] != model.config.image_token_id).sum(dim=1)
         assert embeds.shape[1] == int((text + torch.tensor(kept)).max())
+
+
+def test_hired_official_needs_a_rate_and_the_official_regions():
+    from vtc.testing import tiny_llava_next
+
+    model = tiny_llava_next()
+    with pytest.raises(vtc.BudgetError, match="official=True sizes each image's budget as int.crops . 576 . rate."):
+        vtc.plan(model, "hired", budget=40, official=True)
+    with pytest.raises(vtc.VtcError, match="official=True uses the official regions"):
+        vtc.plan(model, "hired", regions="tiles", official=True)
+    assert dict(vtc.plan(model, "hired", official=True).stages[0].options)["rate"] == 0.2

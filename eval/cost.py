@@ -1,4 +1,4 @@
-"""Cost meters: prefill latency (interleaved medians) and peak memory.
+"""Cost meters: prefill latency (interleaved medians, repeat spreads) and peak memory.
 
 Absolute times on shared CPUs are noisy; compare ratios measured in one run, with the
 configurations interleaved round by round so that drift hits all of them alike.
@@ -6,9 +6,13 @@ configurations interleaved round by round so that drift hits all of them alike.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import resource
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -84,3 +88,78 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
         live += amount
         peak = max(peak, live)
     return peak
+
+
+def spread(samples: list[float]) -> tuple[float, float, float]:
+    """``(median, min, max)`` of repeated measurements.
+
+    Example:
+        >>> spread([3.0, 1.0, 2.0, 10.0])
+        (2.5, 1.0, 10.0)
+    """
+    return statistics.median(samples), min(samples), max(samples)
+
+
+def _status_kb(field: str) -> int | None:
+    """A ``/proc/self/status`` field in bytes (Linux), None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Give freed heap back to the system and reset the kernel's peak RSS (``VmHWM``) to the
+    current RSS; False where that is not possible (not Linux, or no permission)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return _status_kb("VmHWM") is not None
+
+
+class PeakMemory:
+    """The peak memory of one stretch of work above what was in use when it began.
+
+    GPU (``cuda``): the caching allocator's peak of tensor bytes (``reset_peak_memory_stats`` at
+    the start). CPU on Linux: the process's resident memory, its kernel-kept peak (``VmHWM``)
+    reset at the start (after returning freed heap to the system), so everything the work
+    touched counts (tensors, Python objects, the dataset's images), with no profiler and no
+    tracemalloc. Elsewhere: the process's lifetime peak (``how`` says which).
+
+    Example:
+        >>> with PeakMemory("cpu") as m:
+        ...     x = torch.ones(4096, 1024)  # 16 MiB
+        >>> m.peak_bytes >= 16 * 2**20 or m.how != "rss"
+        True
+    """
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.base_bytes = self.peak_bytes = 0
+        self.how = ""
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base_bytes, self.how = torch.cuda.memory_allocated(), "cuda allocator"
+        elif _reset_rss_peak():
+            self.base_bytes, self.how = _status_kb("VmRSS") or 0, "rss"
+        else:
+            self.base_bytes, self.how = 0, "process peak rss"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self.base_bytes
+        elif self.how == "rss":
+            self.peak_bytes = max(0, (_status_kb("VmHWM") or 0) - self.base_bytes)
+        else:
+            self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -128,13 +128,12 @@ class VtcLMM(lmms):
         content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": context}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
-    @torch.no_grad()
-    def _generate(self, contexts: list[str], visuals: list[list], gen_kwargs: dict) -> list[str]:
-        kwargs = dict(gen_kwargs)
-        until = kwargs.pop("until", None)
-        until = [until] if isinstance(until, str) else list(until or [])
-        max_new = int(kwargs.pop("max_new_tokens", self.max_new_tokens))
-        temperature = float(kwargs.pop("temperature", 0) or 0)
+    def inputs(self, contexts: list[str], visuals: list[list]):
+        """The model inputs of a batch of prompts and their images (left-padded, on the model's device).
+
+        Example:
+            >>> lm.inputs(["What color is the square?"], [[image]])["input_ids"].shape  # doctest: +SKIP
+        """
         images = [im for v in visuals for im in v]
         texts = [self._prompt(c, len(v)) for c, v in zip(contexts, visuals)]
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
@@ -145,6 +144,18 @@ class VtcLMM(lmms):
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    @torch.no_grad()
+    def _generate(self, contexts: list[str], visuals: list[list], gen_kwargs: dict) -> list[str]:
+        kwargs = dict(gen_kwargs)
+        until = kwargs.pop("until", None)
+        until = [until] if isinstance(until, str) else list(until or [])
+        max_new = int(kwargs.pop("max_new_tokens", self.max_new_tokens))
+        temperature = float(kwargs.pop("temperature", 0) or 0)
+        if getattr(self, "first_request", None) is None:  # what a sweep times after the cell
+            self.first_request = (list(contexts), list(visuals))
+        inputs = self.inputs(contexts, visuals)
         with self.meter.measure(inputs):
             out = self.model.generate(
                 **inputs, max_new_tokens=max_new, do_sample=temperature > 0,
@@ -168,7 +179,9 @@ class VtcLMM(lmms):
             prepared.append((context, visual, gen_kwargs))
             groups[(repr(sorted(gen_kwargs.items())), len(visual))].append(i)
         results: list[str | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=self.rank != 0, desc="vtc responding")
+        # A sweep labels the bar with its cell (and may turn it off).
+        bar = tqdm(total=len(requests), disable=self.rank != 0 or not getattr(self, "show_progress", True),
+                   desc=getattr(self, "bar_label", "vtc responding"), unit="question")
         for indices in groups.values():
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start : start + self.batch_size]

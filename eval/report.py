@@ -23,7 +23,8 @@ def table(rows: list[dict]) -> tuple[list[str], list[list]]:
     tasks = sorted({t for r in rows for t in r["metrics"]})
     full = next((r for r in rows if r["config"]["method"] is None), None)
     header = ["cell", "method", "budget", "tokens entering LLM", "equivalent tokens", "prefill GFLOPs",
-              "FLOPs vs full", "prefill ms/sample", "speedup", "TTFT ms", "KV cache KB/sample", "peak memory MB"]
+              "FLOPs vs full", "prefill ms/sample", "speedup", "TTFT ms", "KV cache KB/sample", "peak memory MB",
+              "prefill ms/sample min-max", "TTFT ms min-max", "timed repeats"]
     for t in tasks:
         header += [f"{t} {main_metric(rows[0]['metrics'][t]) if t in rows[0]['metrics'] else ''}".strip(),
                    f"{t} vs full"]
@@ -38,7 +39,9 @@ def table(rows: list[dict]) -> tuple[list[str], list[list]]:
                 _pct(_div(c["flops"], ref["flops"]) if ref else None), _f(_mul(c["prefill_s_per_sample"], 1e3), 2),
                 _x(_div(ref["prefill_s_per_sample"], c["prefill_s_per_sample"]) if ref else None),
                 _f(_mul(c["ttft_s"], 1e3), 1), _f(_div(c["kv_cache_bytes"], 1024), 1),
-                _f(_div(c["peak_memory_bytes"], 2**20), 0)]
+                _f(_div(c["peak_memory_bytes"], 2**20), 0),
+                _range(c.get("prefill_s_per_sample_min"), c.get("prefill_s_per_sample_max"), 2),
+                _range(c.get("ttft_s_min"), c.get("ttft_s_max"), 1), (c.get("timing") or {}).get("repeats", "")]
         for t in tasks:
             m = r["metrics"].get(t, {})
             value = m.get(main_metric(m)) if m else None
@@ -46,6 +49,11 @@ def table(rows: list[dict]) -> tuple[list[str], list[list]]:
             line += [_f(value, 4), _pct(_div(value, base))]
         body.append(line)
     return header, body
+
+
+def _range(lo, hi, digits):
+    """``"1.20-1.45"`` in milliseconds from seconds (blank for rows timed in one pass)."""
+    return "" if lo is None or hi is None else f"{lo * 1e3:.{digits}f}-{hi * 1e3:.{digits}f}"
 
 
 def _div(a, b):
@@ -121,6 +129,12 @@ def write_reports(out: str | Path) -> None:
     lines = [f"# Sweep: {cfg['model']} on {', '.join(cfg['tasks'])}", "",
              f"{len(rows)} cells; limit {cfg['limit']}, batch {cfg['batch_size']}, {cfg['device']}, {cfg['dtype']}, "
              f"attention {cfg['attn'] or 'default'}; versions {json.dumps(rows[-1]['versions'])}."]
+    timing = rows[-1]["costs"].get("timing")
+    if timing:
+        lines += ["", f"Times: medians of {timing['repeats']} timed `generate` calls per cell after {timing['warmup']} "
+                  f"warm-up (prefill per sample on a batch of {timing['batch']}; TTFT of one sample alone), "
+                  f"min-max beside them; peak memory: the cell's peak above what was in use when it began "
+                  f"({rows[-1]['costs'].get('memory_measure', '')})."]
     lines += ["", "Main metric by method and budget (analytic prefill FLOPs against the full model):", ""]
     lines += pivot(rows)
     lines += ["", "Every cell:", ""]

@@ -20,7 +20,7 @@ def task_cache(tmp_path_factory, monkeypatch):
 
 def _spec(model, out, **kw):
     base = dict(model=model, methods=["vtc_cls", "random"], budgets=[48, 16], limit=6, batch_size=3, out=str(out),
-                device="cpu")
+                device="cpu", repeats=2)
     return SweepSpec(**{**base, **kw})
 
 
@@ -37,8 +37,17 @@ def test_sweep_writes_rows_tables_and_plots(toy_shaped, tmp_path):
     assert by["full"]["equivalent_tokens"] == 144 and by["vtc_cls@16"]["equivalent_tokens"] == 16
     assert by["vtc_cls@16"]["flops"] < by["vtc_cls@48"]["flops"] < by["full"]["flops"]
     assert by["vtc_cls@16"]["kv_cache_bytes"] < by["full"]["kv_cache_bytes"]
+    for r in rows:  # timed apart from the evaluation: warm-up, then repeats; medians and spreads
+        c = r["costs"]
+        assert c["timing"] == {"warmup": 1, "repeats": 2, "batch": 3}
+        assert 0 < c["prefill_s_per_sample_min"] <= c["prefill_s_per_sample"] <= c["prefill_s_per_sample_max"]
+        assert 0 < c["ttft_s_min"] <= c["ttft_s"] <= c["ttft_s_max"]  # one sample alone
+        assert c["memory_measure"] == "rss" and c["peak_memory_bytes"] >= 0 and c["memory_base_bytes"] > 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["limit"] == 6 and settings["tasks"] == ["toy_vqa"] and settings["model_fingerprint"]
     summary = (out / "summary.md").read_text()
     assert "vtc_cls@16" in summary and "toy_vqa exact_match" in summary
+    assert "TTFT ms min-max" in summary and "medians of 2 timed" in summary
     assert (out / "summary.csv").read_text().count("\n") == 6
     for name in ("accuracy_vs_budget.png", "accuracy_vs_flops.png"):
         assert (out / name).stat().st_size > 10_000
@@ -171,3 +180,173 @@ def test_search_calibrates_on_an_lmms_eval_task(toy_shaped):
     calib = search.Calibration(model, processor, records, "kl", 2, accuracy=accuracy)
     assert calib([144, 144, 144, 144]) == pytest.approx(0.0, abs=1e-9)  # unreduced: no divergence
     assert calib([144, 10, 5, 0]) < 0
+
+
+def _no_loading(monkeypatch):
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(vtc, "from_pretrained", no_loading)
+
+
+def test_rerun_with_other_settings_refuses_and_names_the_difference(toy_shaped, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(toy_shaped, tmp_path / "copy")
+    sweep.run(_spec(toy_shaped, out, methods=["random"], budgets=[16], limit=3), progress=False)
+    before = (out / "results.jsonl").read_text()
+    _no_loading(monkeypatch)
+    for change, message in [({"limit": 4}, "limit 3 there, 4 here"), ({"batch_size": 2}, "batch_size 3 there, 2 here"),
+                            ({"dtype": "bfloat16"}, "dtype 'float32' there, 'bfloat16' here"),
+                            ({"tasks": ["toy_vqa", "toy_vqa"]}, "tasks"),
+                            ({"repeats": 3}, "timing"), ({"model": str(tmp_path / "copy")}, "model ")]:
+        with pytest.raises(vtc.VtcError, match=message) as e:
+            model = change.pop("model", toy_shaped)
+            sweep.run(_spec(model, out, **{"methods": ["random"], "budgets": [16], "limit": 3, **change}),
+                      progress=False)
+        assert "pass a new --out" in str(e.value) and "\n" not in str(e.value)
+    assert (out / "results.jsonl").read_text() == before  # nothing mixed in
+    # Other methods and budgets under the same settings join the same table (the model is loaded then).
+    monkeypatch.undo()
+    sweep.run(_spec(toy_shaped, out, methods=["vtc_cls"], budgets=[16], limit=3), progress=False)
+    assert sorted(r["cell"] for r in sweep.read_results(out)) == ["full", "random@16", "vtc_cls@16"]
+
+
+def test_changed_model_files_at_the_same_path_refuse(toy_shaped, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(toy_shaped, model)
+    spec = _spec(str(model), tmp_path / "out", methods=["random"], budgets=[16], limit=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert sweep.check_settings(out, sweep.run_settings(spec))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "image_seq_length": 144}, indent=1))
+    with pytest.raises(vtc.VtcError, match="the model's files changed"):
+        sweep.check_settings(out, sweep.run_settings(spec))
+
+
+def test_a_folder_without_settings_is_judged_by_its_rows(tmp_path):
+    rows = [{"key": "k", "cell": "full", "config": {"model": "toy", "tasks": ["toy_vqa"], "limit": 6, "batch_size": 16,
+                                                     "device": "cpu", "dtype": "float32", "attn": None}}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(vtc.VtcError, match="limit 6 there, None here"):
+        sweep.check_settings(tmp_path, sweep.run_settings(SweepSpec(model="toy", device="cpu")))
+    assert sweep.check_settings(tmp_path, sweep.run_settings(SweepSpec(model="toy", device="cpu", limit=6)))
+    assert json.loads((tmp_path / "settings.json").read_text())["limit"] == 6
+
+
+def test_a_second_sweep_into_a_locked_folder_refuses_at_once(toy_shaped, tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": __import__("socket").gethostname()}))
+    _no_loading(monkeypatch)
+    with pytest.raises(vtc.VtcError, match=r"already running \(pid \d+.*pass another --out"):
+        sweep.run(_spec(toy_shaped, tmp_path), progress=False)
+    assert (tmp_path / ".lock").exists()  # the other run's lock stays
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from vtc.eval.store import OutputLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with OutputLock(tmp_path / ".lock", "a sweep"):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(vtc.VtcError, match="already running"):
+            OutputLock(tmp_path / ".lock", "a sweep").acquire()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_cut_off_last_line_is_dropped_and_its_cell_rerun(toy_shaped, tmp_path):
+    spec = _spec(toy_shaped, tmp_path, methods=["random"], budgets=[16], limit=3)
+    sweep.run(spec, progress=False)
+    path = tmp_path / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # killed while writing the second row
+    sweep.run(spec, progress=False)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses
+    assert sorted(r["cell"] for r in rows) == ["full", "random@16"]
+
+
+def test_failed_runs_leave_no_folders(toy_shaped, tmp_path, monkeypatch):
+    _no_loading(monkeypatch)
+    out = tmp_path / "new" / "deeper"
+    with pytest.raises(AssertionError, match="was loaded"):
+        sweep.run(_spec(toy_shaped, out), progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_unwritable_output_folder_fails_before_the_model_loads(toy_shaped, tmp_path, monkeypatch):
+    _no_loading(monkeypatch)
+    (tmp_path / "file").write_text("")
+    for out in ("/proc/vtc-sweep", tmp_path / "file" / "out"):
+        with pytest.raises(vtc.VtcError, match="cannot write to"):
+            sweep.run(_spec(toy_shaped, out), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "check"),
+    [
+        ("methods: vtc_cls\nbudgets: 16\ntasks: toy_vqa\n", lambda s: s.methods == ["vtc_cls"] and s.budgets == [16]),
+        ("methods: fastv, random\nbudgets: '0.5,16'\n", lambda s: s.methods == ["fastv", "random"]
+         and s.budgets == [0.5, 16]),
+        ("limit: abc\n", "limit must be an integer"),
+        ("budgets: [abc]\n", "budget 'abc' is not a number"),
+        ("methods: [1, 2]\n", "methods must hold names"),
+        ("batch_size: 0\n", "batch_size must be an integer >= 1"),
+        ("dtype: float33\n", "dtype 'float33' is not one of"),
+        ("params: [a]\n", "params must map names"),
+        ("methods: [vtc_cls\n", "not valid YAML at line"),
+        ("- a\n- b\n", "must be a mapping"),
+    ],
+)
+def test_yaml_specs_are_normalized_or_refused_in_one_line(tmp_path, text, check):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    if callable(check):
+        assert check(SweepSpec.from_yaml(path))
+    else:
+        with pytest.raises(vtc.VtcError, match=check) as e:
+            SweepSpec.from_yaml(path)
+        assert "\n" not in str(e.value)
+
+
+def test_peak_memory_is_the_cells_not_the_process(tmp_path):
+    import torch
+
+    from vtc.eval.cost import PeakMemory
+
+    with PeakMemory("cpu") as big:
+        x = torch.ones(64, 2**20)  # 256 MiB, touched
+        del x
+    with PeakMemory("cpu") as small:
+        y = torch.ones(1024)
+        del y
+    assert big.how == "rss"
+    assert big.peak_bytes >= 200 * 2**20 and small.peak_bytes < 64 * 2**20
+
+
+def test_lmms_eval_bars_are_quiet_unless_verbose():
+    from lmms_eval import evaluator
+    from lmms_eval.api import task
+
+    with sweep.quiet_lmms_bars():
+        assert evaluator.tqdm(total=3, desc="Postprocessing").disable and task.tqdm(range(3)).disable
+    with sweep.quiet_lmms_bars(quiet=False):
+        assert not evaluator.tqdm(total=3, disable=False).disable
+
+
+def test_one_labeled_bar_per_cell(toy_shaped, tmp_path, capfd):
+    sweep.run(_spec(toy_shaped, tmp_path, methods=["random"], budgets=[16], limit=2), progress=True)
+    err = capfd.readouterr().err
+    assert "cell 1/2 full" in err and "cell 2/2 random@16" in err
+    assert "Postprocessing" not in err and "vtc responding" not in err

@@ -11,7 +11,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ import torch
 import vtc
 from vtc.budget import resolve_count
 from vtc.errors import VtcError
+from vtc.eval.store import OutputLock, append_jsonl, check_writable, model_fingerprint, read_jsonl, repair_jsonl
 from vtc.registry import get_adapter
 
 
@@ -80,6 +83,7 @@ def write_schedule(path: str | Path, counts: list[int], tokens: int, **record) -
 
 
 CALIB_SEED = 2718  # the toy calibration questions: neither training's nor the documented evaluation's
+STEPS = 3  # answer tokens the KL metric teacher-forces
 
 
 @dataclass
@@ -100,12 +104,87 @@ class SearchSpec:
     device: str = "cpu"
 
     def check(self) -> None:
+        """Refuse settings a search cannot run with, one line each, before any model loads.
+
+        Example:
+            >>> SearchSpec("gsearch", tolerance=float("nan")).check()
+            Traceback (most recent call last):
+            ...
+            vtc.errors.VtcError: --tolerance nan: use a finite number >= 0 (the metric loss allowed)
+        """
+        from vtc.eval.sweep import _budget, _count, check_device
+
         if self.algorithm not in ("gsearch", "psigmoid"):
             raise VtcError(f"unknown search {self.algorithm!r}: use gsearch or psigmoid")
         if self.metric not in ("kl", "accuracy"):
             raise VtcError(f"unknown metric {self.metric!r}: use kl (label-free) or accuracy")
         if self.algorithm == "psigmoid" and self.budget is None:
             raise VtcError("psigmoid searches the best schedule at a budget: pass --budget")
+        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or \
+                not math.isfinite(self.tolerance) or self.tolerance < 0:
+            raise VtcError(f"--tolerance {self.tolerance}: use a finite number >= 0 (the metric loss allowed)")
+        for flag, value in (("--limit", self.limit), ("--trials", self.trials), ("--batch-size", self.batch_size)):
+            try:
+                _count(value, flag)
+            except VtcError:
+                raise VtcError(f"{flag} {value}: use an integer >= 1") from None
+        if self.budget is not None:
+            self.budget = _budget(self.budget)
+        check_device(self.device)
+        out = Path(self.out)
+        if out.is_dir():
+            raise VtcError(f"--out {out} is a folder: name the schedule file, e.g. {out / 'schedule.json'}")
+        check_writable(out.parent)
+
+    def model_path(self) -> str:
+        from vtc.eval import toy
+
+        return str(toy.MODEL_PATH) if self.model == "toy" else self.model
+
+    def settings(self) -> dict:
+        """Everything that changes the value of one evaluation (not the tolerance, which only
+        chooses the schedules evaluated): the journal of evaluations is keyed by it.
+
+        Example:
+            >>> SearchSpec("gsearch", model="org/vlm").settings()["metric"]
+            'kl'
+        """
+        return {"model": self.model, "model_fingerprint": model_fingerprint(self.model_path()),
+                "calib": self.calib, "calib_seed": CALIB_SEED, "limit": self.limit, "metric": self.metric,
+                "batch_size": self.batch_size, "device": self.device, "steps": STEPS}
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def psigmoid_range(tokens: int, num_layers: int) -> tuple[float, float]:
+    """The budgets P-Sigmoid can meet: layer 0 keeps every token, so the layer average is at
+    least ``tokens / num_layers``.
+
+    Example:
+        >>> psigmoid_range(144, 8)
+        (18.0, 144)
+    """
+    return tokens / num_layers, tokens
+
+
+def fit_budget(counts: list[int], budget_tokens: float) -> list[int]:
+    """Lower the deepest layers' counts (keeping them non-increasing) until the layer average is
+    at most ``budget_tokens``: rounding each layer must not put a schedule over its budget.
+
+    Example:
+        >>> fit_budget([16, 9, 8, 8], 10.0)
+        [16, 8, 8, 8]
+    """
+    counts = list(counts)
+    while sum(counts) > budget_tokens * len(counts) + 1e-9:
+        # The last layer among those holding the largest count after layer 0.
+        top = max(counts[1:])
+        if top == 0:
+            break
+        i = max(i for i in range(1, len(counts)) if counts[i] == top)
+        counts[i] -= 1
+    return counts
 
 
 class Calibration:
@@ -213,81 +292,122 @@ def lmms_task_calibration(task: str, limit: int, model, processor, batch_size: i
     return records, accuracy
 
 
-def _journal(path: Path) -> dict[str, float]:
-    """Finished evaluations of a G-Search, so that a rerun skips them."""
-    if not path.is_file():
-        return {}
-    done = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-            done[json.dumps(row["counts"])] = row["value"]
-        except (json.JSONDecodeError, KeyError):
-            continue  # a line cut by a kill
-    return done
+def _journal(path: Path, key: str) -> dict[str, float]:
+    """Finished evaluations of a G-Search under the same settings (``key``), so that a rerun skips
+    them; a cut-off last line (a crash mid-write) is dropped first, and its evaluation reruns."""
+    if repair_jsonl(path) is not None:
+        print(f"dropped the cut-off last line of {path} (that evaluation reruns)")
+    return {json.dumps(row["counts"]): row["value"] for row in read_jsonl(path)
+            if row.get("key") == key and "counts" in row and "value" in row}
+
+
+def _model_info(spec: SearchSpec):
+    """The model's token count and layer count from its config (no weights)."""
+    from vtc.eval.sweep import _meta_model
+
+    return get_adapter(_meta_model(spec.model_path())).info()
+
+
+def _check_budget(spec: SearchSpec, info) -> float:
+    """P-Sigmoid's budget in tokens, refused (with the feasible range) when it cannot be met."""
+    lo, hi = psigmoid_range(info.image_tokens, info.num_layers)
+    try:
+        tokens = resolve_count(spec.budget, info.image_tokens)
+    except VtcError as e:
+        raise VtcError(f"{e}; psigmoid budgets on this model: {lo:g} to {hi} tokens") from None
+    if tokens < lo - 1e-9:
+        raise VtcError(f"psigmoid --budget {spec.budget}: layer 0 keeps all {hi} tokens, so a schedule averages at "
+                       f"least {lo:g} tokens over {info.num_layers} layers; pass a budget from {lo:g} to {hi}")
+    return tokens
 
 
 def run_search(spec: SearchSpec) -> Path:
-    """Run G-Search or P-Sigmoid on the calibration set and write the schedule file."""
-    from vtc.eval import toy
-    from vtc.methods.psigmoid import psigmoid_counts
+    """Run G-Search or P-Sigmoid on the calibration set and write the schedule file.
 
+    Settings are checked before the model loads; the schedule file is locked while the search
+    runs; evaluations and trials are journaled beside it, keyed by the settings they depend on.
+
+    Example:
+        >>> run_search(SearchSpec("gsearch", limit=16, out="g.json"))  # doctest: +SKIP
+    """
     spec.check()
-    path = toy.MODEL_PATH if spec.model == "toy" else spec.model
-    model = vtc.from_pretrained(str(path)).to(spec.device)
-    processor = vtc.load_processor(str(path))
+    info = _model_info(spec)
+    budget_tokens = _check_budget(spec, info) if spec.algorithm == "psigmoid" else None
+    out = Path(spec.out)
+    with OutputLock(out.with_name(out.name + ".lock"), f"a search into {out}"):
+        return _search(spec, out, budget_tokens)
+
+
+def _search(spec: SearchSpec, out: Path, budget_tokens: float | None) -> Path:
+    from vtc.eval import toy
+
+    path = spec.model_path()
+    model = vtc.from_pretrained(path).to(spec.device)
+    processor = vtc.load_processor(path)
     info = get_adapter(model).info()
     n, num = info.image_tokens, info.num_layers
     if spec.calib == "toy_vqa":
-        calib = Calibration(model, processor, toy.generate(spec.limit, seed=CALIB_SEED), spec.metric, spec.batch_size)
+        calib = Calibration(model, processor, toy.generate(spec.limit, seed=CALIB_SEED), spec.metric, spec.batch_size,
+                            steps=STEPS)
     else:
         records, accuracy = lmms_task_calibration(spec.calib, spec.limit, model, processor, spec.batch_size)
-        calib = Calibration(model, processor, records, spec.metric, spec.batch_size, accuracy=accuracy)
-    out = Path(spec.out)
+        calib = Calibration(model, processor, records, spec.metric, spec.batch_size, steps=STEPS, accuracy=accuracy)
     record = {"model": spec.model, "algorithm": spec.algorithm, "calib": spec.calib, "limit": spec.limit,
               "metric": spec.metric, "seed": spec.seed}
     reference = calib([n] * num)
     if spec.algorithm == "gsearch":
-        journal = out.with_suffix(".evals.jsonl")
-        done = _journal(journal)
-
-        def metric(counts):
-            key = json.dumps(list(counts))
-            if key not in done:
-                done[key] = calib(counts)
-                with journal.open("a") as f:
-                    f.write(json.dumps({"counts": list(counts), "value": done[key]}) + "\n")
-            return done[key]
-
-        def progress(layer, counts):
-            print(f"layer {layer}/{num - 1}: keep {counts[-1]} ({len(done)} evaluations)", flush=True)
-
-        counts, evaluations = gsearch(metric, num, n, spec.tolerance, reference, progress)
-        record.update(tolerance=spec.tolerance, evaluations=evaluations, reference=reference,
-                      value=metric(counts + [counts[-1]] * (num - len(counts))))
+        counts, extra = _gsearch(spec, out, calib, n, num, reference)
     else:
-        import optuna
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        fraction = resolve_count(spec.budget, n) / n
-        storage = JournalStorage(JournalFileBackend(str(out.with_suffix(".optuna.journal"))))
-        study = optuna.create_study(study_name=f"psigmoid-{fraction:.4f}", storage=storage, direction="maximize",
-                                    sampler=optuna.samplers.GPSampler(seed=spec.seed), load_if_exists=True)
-
-        def schedule(r_min, slope):
-            return psigmoid_counts(num, n, r_min, slope, fraction)
-
-        def objective(trial):
-            # Layer 0 keeps everything, so the floor must leave room for the average to meet the budget.
-            r_min = trial.suggest_float("r_min", 0.0, 0.9 * max(0.0, (num * fraction - 1) / (num - 1)))
-            slope = trial.suggest_float("slope", 0.05, 4.0, log=True)
-            return calib(schedule(r_min, slope))
-
-        finished = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
-        study.optimize(objective, n_trials=max(0, spec.trials - finished), show_progress_bar=True)
-        best = study.best_params
-        counts = schedule(best["r_min"], best["slope"])
-        record.update(budget=spec.budget, trials=spec.trials, params=best, reference=reference,
-                      value=study.best_value)
+        counts, extra = _psigmoid(spec, out, calib, n, num, budget_tokens)
+    record.update(reference=reference, **extra)
     return write_schedule(out, counts, n, **record)
+
+
+def _gsearch(spec: SearchSpec, out: Path, calib, n: int, num: int, reference: float) -> tuple[list[int], dict]:
+    journal, key = out.with_suffix(".evals.jsonl"), spec.key()
+    done = _journal(journal, key)
+
+    def metric(counts):
+        k = json.dumps(list(counts))
+        if k not in done:
+            done[k] = calib(counts)
+            append_jsonl(journal, {"key": key, "counts": list(counts), "value": done[k]})
+        return done[k]
+
+    def progress(layer, counts):
+        print(f"layer {layer}/{num - 1}: keep {counts[-1]} ({len(done)} evaluations)", flush=True)
+
+    counts, evaluations = gsearch(metric, num, n, spec.tolerance, reference, progress)
+    return counts, {"tolerance": spec.tolerance, "evaluations": evaluations,
+                    "value": metric(counts + [counts[-1]] * (num - len(counts)))}
+
+
+def _psigmoid(spec: SearchSpec, out: Path, calib, n: int, num: int, budget_tokens: float) -> tuple[list[int], dict]:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from vtc.methods.psigmoid import psigmoid_counts
+
+    fraction = budget_tokens / n
+    storage = JournalStorage(JournalFileBackend(str(out.with_suffix(".optuna.journal"))))
+    name = f"psigmoid-{fraction:.4f}-{spec.key()}"  # a study per budget and settings
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+    # A resumed study must not replay the first run's draws: the sampler's seed moves on with
+    # the trials already there.
+    study.sampler = optuna.samplers.GPSampler(seed=spec.seed + len(study.trials))
+
+    def schedule(r_min, slope):
+        return fit_budget(psigmoid_counts(num, n, r_min, slope, fraction), budget_tokens)
+
+    def objective(trial):
+        # Layer 0 keeps everything, so the floor must leave room for the average to meet the budget.
+        r_min = trial.suggest_float("r_min", 0.0, 0.9 * max(0.0, (num * fraction - 1) / (num - 1)))
+        slope = trial.suggest_float("slope", 0.05, 4.0, log=True)
+        return calib(schedule(r_min, slope))
+
+    finished = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
+    study.optimize(objective, n_trials=max(0, spec.trials - finished), show_progress_bar=True)
+    best = study.best_params
+    counts = schedule(best["r_min"], best["slope"])
+    return counts, {"budget": spec.budget, "trials": spec.trials, "params": best, "value": study.best_value}

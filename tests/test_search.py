@@ -81,7 +81,7 @@ def test_psigmoid_search_resumes_its_study(toy_shaped, tmp_path):
     spec = search.SearchSpec("psigmoid", model=toy_shaped, limit=4, budget=48, trials=2,
                              out=str(tmp_path / "p.json"), batch_size=4)
     search.run_search(spec)
-    spec.trials = 3
+    spec.trials = 4
     data = json.loads(search.run_search(spec).read_text())
     import optuna
     from optuna.storages import JournalStorage
@@ -89,8 +89,64 @@ def test_psigmoid_search_resumes_its_study(toy_shaped, tmp_path):
 
     storage = JournalStorage(JournalFileBackend(str(tmp_path / "p.optuna.journal")))
     study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
-    assert len(study.trials) == 3
-    assert abs(sum(data["counts"]) / 4 - 48) <= 2 and data["params"]["r_min"] >= 0
+    assert len(study.trials) == 4
+    tried = {(t.params["r_min"], t.params["slope"]) for t in study.trials}
+    assert len(tried) == 4  # the resumed run drew new parameters, not the first run's again
+    assert 46 <= sum(data["counts"]) / 4 <= 48 and data["params"]["r_min"] >= 0  # never over the budget
+
+
+def test_psigmoid_refuses_a_budget_it_cannot_meet_before_loading(toy_shaped, tmp_path, monkeypatch):
+    from vtc.eval import search
+
+    monkeypatch.setattr(vtc, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    # Layer 0 keeps all 144 tokens of 4 layers: a schedule averages at least 36.
+    for budget in (16, 0.2):
+        spec = search.SearchSpec("psigmoid", model=toy_shaped, budget=budget, out=str(tmp_path / "p.json"))
+        with pytest.raises(vtc.VtcError, match="pass a budget from 36 to 144"):
+            search.run_search(spec)
+    spec = search.SearchSpec("psigmoid", model=toy_shaped, budget=200, out=str(tmp_path / "p.json"))
+    with pytest.raises(vtc.VtcError, match="psigmoid budgets on this model: 36 to 144"):
+        search.run_search(spec)
+    assert not list(tmp_path.iterdir())
+
+
+def test_psigmoid_schedule_fits_its_budget_after_rounding():
+    from vtc.eval.search import fit_budget
+    from vtc.methods.psigmoid import psigmoid_counts
+
+    for budget in (18.5, 20, 33, 47.9, 100):
+        counts = fit_budget(psigmoid_counts(8, 144, 0.0, 2.0, budget / 144), budget)
+        assert sum(counts) / 8 <= budget and sum(counts) / 8 > budget - 1
+        assert counts[0] == 144 and all(a >= b for a, b in zip(counts, counts[1:]))
+
+
+def test_gsearch_journal_is_keyed_by_what_changes_a_value(tmp_path):
+    from vtc.eval import search
+
+    base = search.SearchSpec("gsearch", model="toy", metric="kl", limit=64, out=str(tmp_path / "g.json"))
+    key = base.key()
+    for change in ({"metric": "accuracy"}, {"limit": 32}, {"model": "other/vlm"}, {"calib": "pope"},
+                   {"batch_size": 8}):
+        assert search.SearchSpec(**{**base.__dict__, **change}).key() != key, change
+    # The tolerance only chooses which schedules are evaluated: evaluations are shared.
+    assert search.SearchSpec(**{**base.__dict__, "tolerance": 0.5}).key() == key
+    journal = tmp_path / "g.evals.jsonl"
+    journal.write_text(json.dumps({"key": key, "counts": [144, 10], "value": -0.5}) + "\n"
+                       + json.dumps({"key": "other", "counts": [144, 20], "value": -0.1}) + "\n"
+                       + json.dumps({"counts": [144, 30], "value": -0.2}) + "\n")  # before keys: unknown settings
+    assert search._journal(journal, key) == {"[144, 10]": -0.5}
+
+
+def test_a_cut_off_journal_line_is_dropped_before_appending(tmp_path):
+    from vtc.eval import search
+    from vtc.eval.store import append_jsonl
+
+    journal = tmp_path / "g.evals.jsonl"
+    journal.write_text(json.dumps({"key": "k", "counts": [144, 10], "value": -0.5}) + '\n{"key": "k", "cou')
+    assert search._journal(journal, "k") == {"[144, 10]": -0.5}
+    append_jsonl(journal, {"key": "k", "counts": [144, 5], "value": -0.9})
+    rows = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [r["counts"] for r in rows] == [[144, 10], [144, 5]]
 
 
 def test_search_refuses_bad_settings():
@@ -100,3 +156,9 @@ def test_search_refuses_bad_settings():
         SearchSpec("psigmoid").check()
     with pytest.raises(vtc.VtcError, match="unknown metric"):
         SearchSpec("gsearch", metric="f1").check()
+    for kw, message in [({"tolerance": -1.0}, "--tolerance -1.0: use a finite number >= 0"),
+                        ({"tolerance": float("nan")}, "--tolerance nan"), ({"tolerance": float("inf")}, "--tolerance"),
+                        ({"trials": 0}, "--trials 0: use an integer >= 1"), ({"limit": 0}, "--limit 0"),
+                        ({"batch_size": -2}, "--batch-size -2"), ({"out": "/proc/vtc/s.json"}, "cannot write")]:
+        with pytest.raises(vtc.VtcError, match=message):
+            SearchSpec("gsearch", **kw).check()

@@ -14,6 +14,43 @@ import torch
 import vtc
 
 
+def check_show(image: str | None, out: str | Path, model: str | None, method: str, budget, params: dict) -> str | None:
+    """Refuse, one line each and before any weights load, what ``vtc show`` cannot do: an image
+    that is missing or not an image, an output it cannot write, a model that is not a supported
+    VLM, a method or budget that does not apply to it. Returns the image path.
+
+    Example:
+        >>> check_show("/no/such.jpg", "kept.png", None, "vtc_cls", 16, {})
+        Traceback (most recent call last):
+        ...
+        vtc.errors.VtcError: --image /no/such.jpg: no such file
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from vtc.errors import VtcError
+    from vtc.eval.store import check_writable
+    from vtc.eval.sweep import _meta_model
+
+    if image is not None:
+        if not Path(image).is_file():
+            raise VtcError(f"--image {image}: no such file")
+        try:
+            with Image.open(image) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError) as e:
+            raise VtcError(f"--image {image} is not an image PIL can read ({e.__class__.__name__})") from None
+    out = Path(out)
+    if out.is_dir():
+        raise VtcError(f"--out {out} is a folder: name the picture, e.g. {out / 'kept.png'}")
+    check_writable(out.parent if str(out.parent) else Path("."))
+    if model is None:
+        from vtc.eval.toy import MODEL_PATH
+
+        model = str(MODEL_PATH)
+    vtc.plan(_meta_model(model), method, budget, **params)
+    return image
+
+
 @torch.no_grad()
 def show(image=None, question: str | None = None, method: str = "vtc_cls", budget: int | float | None = None,
          model=None, processor=None, out: str | Path = "kept.png", max_new_tokens: int = 8, **params) -> str:

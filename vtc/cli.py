@@ -13,42 +13,78 @@ import argparse
 import sys
 
 import vtc
+from vtc.errors import VtcError
 from vtc.registry import methods
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line on stderr (exit 2) that points to ``--help``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _number(text: str) -> int | float:
-    """A budget on the command line: ``192`` is a count, ``0.25`` a fraction."""
-    return float(text) if "." in text else int(text)
+    """A budget on the command line: ``192`` is a count, ``0.25`` a fraction.
+
+    Example:
+        >>> _number("192"), _number("0.25")
+        (192, 0.25)
+    """
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise VtcError(f"budget {text!r} is not a number: give a count like 192 or a fraction like 0.25") from None
+
+
+def _budget_arg(text: str) -> int | float:
+    """``_number`` as an argparse type (its message becomes argparse's one-line error)."""
+    try:
+        return _number(text)
+    except VtcError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _value(text: str):
+    """A parameter value: a number when it reads as one, else the text."""
+    try:
+        return _number(text)
+    except VtcError:
+        return text
 
 
 def _params(items: list[str]) -> dict:
-    """``key=value`` pairs; values parsed as numbers or comma-separated int tuples when they look like them."""
+    """``key=value`` pairs; values parsed as numbers or comma-separated int tuples when they look like them.
+
+    Example:
+        >>> _params(["layer=3", "layers=8,16", "schedule=s.json"])
+        {'layer': 3, 'layers': (8, 16), 'schedule': 's.json'}
+    """
     out = {}
     for item in items:
-        key, _, value = item.partition("=")
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise VtcError(f"--param {item!r}: write KEY=VALUE, e.g. --param layer=3")
         if "," in value:
-            out[key] = tuple(int(v) for v in value.split(","))
+            parts = [_value(v.strip()) for v in value.split(",")]
+            out[key] = tuple(parts) if all(isinstance(v, int) for v in parts) else value
         else:
-            try:
-                out[key] = _number(value)
-            except ValueError:
-                out[key] = value
+            out[key] = _value(value)
     return out
 
 
 def _meta_model(name: str):
     """The model's architecture without weights (config only), enough for a plan."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText
 
     if name in ("llava-1.5-shape", "llava-next-shape"):
         from vtc.testing import llava15_shaped, llava_next_shaped
 
         with torch.device("meta"):
             return llava15_shaped() if name == "llava-1.5-shape" else llava_next_shaped()
-    config = AutoConfig.from_pretrained(name)
-    with torch.device("meta"):
-        return AutoModelForImageTextToText.from_config(config)
+    from vtc.eval.sweep import _meta_model as checked
+
+    return checked(name)  # a missing or non-VLM model: a one-line error
 
 
 def cmd_methods(args) -> None:
@@ -62,9 +98,18 @@ def cmd_models(args) -> None:
         print(name)
 
 
+def _checked_params(method: str, items: list[str]) -> dict:
+    from vtc.eval.sweep import check_param_types
+
+    params = _params(items)
+    check_param_types(method, params)
+    return params
+
+
 def cmd_plan(args) -> None:
+    params = _checked_params(args.method, args.param)
     model = _meta_model(args.model)
-    print(vtc.plan(model, args.method, args.budget, **_params(args.param)))
+    print(vtc.plan(model, args.method, args.budget, **params))
 
 
 def cmd_demo(args) -> None:
@@ -117,21 +162,24 @@ def cmd_sweep(args) -> None:
         "tasks": _list(args.tasks), "limit": args.limit, "batch_size": args.batch_size, "device": args.device,
         "dtype": args.dtype, "attn": args.attn, "out": args.out,
         "params": _params(args.param) or None, "include_path": args.include_path or None,
+        "warmup": args.warmup, "repeats": args.repeats,
     }
     spec = SweepSpec.from_yaml(args.spec, **flags) if args.spec else SweepSpec(
         **{k: v for k, v in flags.items() if v is not None})
-    out = run(spec)
+    out = run(spec, verbose=args.verbose)
     print(f"results: {out / 'results.jsonl'}; tables: {out / 'summary.md'}; plots: {out}/accuracy_vs_*.png")
 
 
 def cmd_show(args) -> None:
-    from vtc.eval.show import show
+    from vtc.eval.show import check_show, show
 
+    params = _checked_params(args.method, args.param)
+    image = check_show(args.image, args.out, args.model, args.method, args.budget, params)
     model = processor = None
     if args.model:
         model, processor = vtc.from_pretrained(args.model).eval(), vtc.load_processor(args.model)
-    answer = show(args.image, args.question, args.method, args.budget, model=model, processor=processor,
-                  out=args.out, **_params(args.param))
+    answer = show(image, args.question, args.method, args.budget, model=model, processor=processor,
+                  out=args.out, **params)
     print(f"answer: {answer}; kept tokens drawn in {args.out}")
 
 
@@ -146,7 +194,7 @@ def cmd_search(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vtc", description="Training-free visual token compression for VLMs.")
+    parser = _Parser(prog="vtc", description="Training-free visual token compression for VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list the methods and their native parameters").set_defaults(fn=cmd_methods)
     sub.add_parser("models", help="list the supported model classes").set_defaults(fn=cmd_models)
@@ -154,17 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="llava-1.5-shape",
                    help="hub id or path (config only), or llava-1.5-shape / llava-next-shape")
     p.add_argument("--method", required=True)
-    p.add_argument("--budget", type=_number, default=None, help="tokens per image (int) or fraction (float)")
+    p.add_argument("--budget", type=_budget_arg, default=None, help="tokens per image (int) or fraction (float)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a native parameter")
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("demo", help="plans, token counts and prefill speedups on a random LLaVA-1.5-shaped model")
-    p.add_argument("--budget", type=_number, default=192)
+    p.add_argument("--budget", type=_budget_arg, default=192)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("sweep", help="evaluate methods x budgets x lmms-eval tasks; tables and plots",
                        description="With no arguments: every method at 192/128/64 of 576 (as fractions) on the "
-                       "bundled toy model and toy_vqa, offline. Finished cells are skipped on rerun.")
+                       "bundled toy model and toy_vqa, offline. Finished cells are skipped on rerun; a rerun "
+                       "into the same --out must use the same settings (OUT/settings.json).")
     p.add_argument("--model", help="hub id or path, or 'toy' (default)")
     p.add_argument("--methods", help="comma-separated, e.g. fastv,vtc_cls (default: all)")
     p.add_argument("--budgets", help="comma-separated counts or fractions, e.g. 192,128,64 or 0.25")
@@ -179,12 +228,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="a native parameter, for every method that has it or for one method")
     p.add_argument("--include-path", action="append", default=[], help="extra lmms-eval task folder")
     p.add_argument("--spec", help="a YAML file with the same keys (flags given here override it)")
+    p.add_argument("--warmup", type=int, help="untimed generate calls before timing each cell (default 1)")
+    p.add_argument("--repeats", type=int, help="timed generate calls per cell: median and min-max (default 5)")
+    p.add_argument("--verbose", action="store_true", help="show lmms-eval's own progress bars and messages")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("show", help="draw the visual tokens a method keeps at each stage")
     p.add_argument("--image", help="image file (default: a toy scene)")
     p.add_argument("--question", help="question (default: the toy scene's)")
     p.add_argument("--method", default="vtc_cls")
-    p.add_argument("--budget", type=_number, default=None)
+    p.add_argument("--budget", type=_budget_arg, default=None)
     p.add_argument("--model", help="hub id or path (default: the toy model)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default="kept.png")
@@ -196,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=64, help="calibration questions")
     p.add_argument("--metric", default="kl", choices=["kl", "accuracy"])
     p.add_argument("--tolerance", type=float, default=0.01, help="G-Search: allowed metric loss")
-    p.add_argument("--budget", type=_number, help="P-Sigmoid: equivalent tokens per image")
+    p.add_argument("--budget", type=_budget_arg, help="P-Sigmoid: equivalent tokens per image")
     p.add_argument("--trials", type=int, default=20, help="P-Sigmoid: Bayesian-optimization trials")
     p.add_argument("--out", default="schedule.json")
     p.add_argument("--seed", type=int, default=0)

@@ -25,6 +25,8 @@ from vtc import ops
 from vtc.errors import UnsupportedConfigurationError
 from vtc.plan import Stage
 
+from .local import PerThread
+
 LAYER_KWARGS = ("attention_mask", "position_ids", "cache", "position_embeddings")
 # Scorers that run inside the LLM, from a decoder layer's input: (layer, hidden, (cos, sin), key_mask).
 SCORERS = {"query_attention": ops.query_attention, "pagerank": ops.attention_pagerank}
@@ -73,6 +75,33 @@ class SequenceState:
     layer_shift: dict[int, torch.Tensor | int] = field(default_factory=dict)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     kept: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # Rows at the end of every sample that follow the prompt (assisted decoding's draft tokens,
+    # verified in the same forward): never a query or key of scoring, and not the prompt that
+    # decode steps continue (trimmed off by :meth:`prompt_only` before the first one).
+    drafts: int = 0
+
+    def scoring_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys scoring may read ``[B, n]`` (real rows of the prompt) and each sample's query row
+        ``[B]``: its last real prompt row, so neither a right-padding row nor a draft token."""
+        valid = self.key_valid
+        if self.drafts:
+            valid = valid.clone()
+            valid[:, valid.shape[1] - self.drafts:] = False
+        index = torch.arange(valid.shape[1], device=valid.device)
+        return valid, torch.where(valid, index, -1).amax(dim=1).clamp_min(0)
+
+    def prompt_only(self) -> None:
+        """Forget the draft rows of the prefill: decode steps continue the prompt, and the cache is
+        cropped to the drafts the model accepted (which then count as tokens after the prompt)."""
+        d, self.drafts = self.drafts, 0
+        if not d:
+            return
+        self.length -= d
+        for i, rows in self.layer_rows.items():
+            self.layer_rows[i] = rows[:, : rows.shape[1] - d]
+            valid = self.layer_valid.get(i)
+            if valid is not None:
+                self.layer_valid[i] = valid[:, : valid.shape[1] - d]
 
 
 def select_rows(
@@ -175,8 +204,10 @@ class LayerStages:
         self.after_layers = {i: s for i, s in self.score_layers.items() if s.layer > i}
         self.first = min([*self.by_layer, *self.score_layers]) if stages else len(layers)
         self.handles: list = []
-        self._armed: int | None = None  # the scoring layer whose projections are being captured
-        self._projections: dict[str, torch.Tensor] = {}
+
+    # Per call (per thread): the scoring layer whose projections are being captured, and them.
+    _armed = PerThread()
+    _projections = PerThread(dict)
 
     def install(self) -> None:
         for i, layer in enumerate(self.layers):
@@ -268,8 +299,12 @@ class LayerStages:
     @staticmethod
     def _score(stage: Stage, module, hidden, kwargs, state: SequenceState, projections=None) -> torch.Tensor:
         scorer = SCORERS[stage.scorer.kind]
-        return scorer(module, hidden, kwargs["position_embeddings"], key_mask=state.key_valid,
-                      projections=projections, **dict(stage.scorer.options))
+        options = dict(stage.scorer.options)
+        key_mask, query = state.scoring_rows()
+        if scorer is ops.query_attention and "query_index" not in options:
+            options["query_index"] = query
+        return scorer(module, hidden, kwargs["position_embeddings"], key_mask=key_mask,
+                      projections=projections, **options)
 
     def _disarm(self) -> None:
         self._armed = None

@@ -23,6 +23,8 @@ from torch import nn
 from vtc import ops
 from vtc.errors import MethodNotApplicableError, UnsupportedConfigurationError
 
+from .local import PerThread
+
 _MISSING = object()
 # The encoder layer forward this patch replaces, and the submodules it calls.
 LAYER_PARAMS = ("hidden_states", "attention_mask", "kwargs")
@@ -49,6 +51,12 @@ class TowerMerge:
         >>> merge.remove()
     """
 
+    # Per-call state (one value per thread: a patched instance may serve concurrent calls).
+    _keys = PerThread()
+    _size = PerThread()
+    _source = PerThread()
+    _sources = PerThread(list)
+
     def __init__(self, layers: nn.ModuleList, schedule: tuple[int, ...], class_token: bool = True,
                  prop_attn: bool = True) -> None:
         if len(schedule) != len(layers):
@@ -57,10 +65,6 @@ class TowerMerge:
         self.class_token, self.prop_attn = class_token, prop_attn
         self._saved: list[tuple[nn.Module, object]] = []
         self._handles: list = []
-        self._keys: torch.Tensor | None = None
-        self._size: torch.Tensor | None = None
-        self._source: torch.Tensor | None = None
-        self._sources: list[torch.Tensor] = []
         self.feature_layer = len(layers) - 1  # whose output the features are (set by the installer)
 
     def check(self) -> None:

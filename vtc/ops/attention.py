@@ -41,8 +41,16 @@ def _mean_head_softmax(logits: torch.Tensor, key_mask: torch.Tensor | None) -> t
     return logits.softmax(dim=-1).mean(dim=1)
 
 
-def _rotated_qk(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings, rows: slice,
-                projections: tuple[torch.Tensor, torch.Tensor] | None = None):
+def _rows(x: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+    """``x[:, rows]`` for a slice, or each sample's own rows for an index tensor ``[B, r]``."""
+    if isinstance(rows, slice):
+        return x[:, rows]
+    index = rows.reshape(*rows.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.expand(rows.shape[0], *x.shape[1:]).gather(1, index)
+
+
+def _rotated_qk(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings,
+                rows: slice | torch.Tensor, projections: tuple[torch.Tensor, torch.Tensor] | None = None):
     """A decoder layer's queries (of ``rows``) and keys (of all tokens) as its attention sees
     them: after ``input_layernorm``, the projections, optional q/k norms and RoPE.
     ``projections``: the layer's own ``q_proj`` and ``k_proj`` outputs for all tokens, when its
@@ -53,15 +61,15 @@ def _rotated_qk(layer: nn.Module, hidden_states: torch.Tensor, position_embeddin
     hd = attn.head_dim
     if projections is None:
         h = layer.input_layernorm(hidden_states)
-        q, k = attn.q_proj(h[:, rows]), attn.k_proj(h)
+        q, k = attn.q_proj(_rows(h, rows)), attn.k_proj(h)
     else:
-        q, k = projections[0][:, rows], projections[1]
+        q, k = _rows(projections[0], rows), projections[1]
     q = q.reshape(bsz, q.shape[1], -1, hd).transpose(1, 2)
     k = k.reshape(bsz, n, -1, hd).transpose(1, 2)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     cos, sin = (t.expand(bsz, -1, -1) for t in position_embeddings)
-    return apply_rope(q, cos[:, rows], sin[:, rows]), apply_rope(k, cos, sin)
+    return apply_rope(q, _rows(cos, rows), _rows(sin, rows)), apply_rope(k, cos, sin)
 
 
 def query_attention(
@@ -69,7 +77,7 @@ def query_attention(
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     key_mask: torch.Tensor | None = None,
-    query_index: int = -1,
+    query_index: int | torch.Tensor = -1,
     projections: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of one query token to every key, as decoder ``layer`` would compute it.
@@ -78,8 +86,9 @@ def query_attention(
     ``q_proj``, ``k_proj``, ``head_dim``, ``scaling``; optional ``q_norm``/``k_norm``);
     ``hidden_states`` is the layer's input ``[B, N, D]``; ``position_embeddings`` the
     ``(cos, sin)`` it receives. Returns softmax probabilities of the query at
-    ``query_index`` over the ``N`` keys (masked where ``key_mask`` is False), averaged over
-    heads: ``[B, N]``. Cost: one key projection, ``O(N d)`` per head, no ``N x N`` matrix.
+    ``query_index`` (an int, or one index per sample ``[B]``: right-padded batches) over the
+    ``N`` keys (masked where ``key_mask`` is False), averaged over heads: ``[B, N]``. Cost: one
+    key projection, ``O(N d)`` per head, no ``N x N`` matrix.
     Keys after the query are masked, as causal attention would. ``projections``: the layer's
     ``q_proj``/``k_proj`` outputs for all tokens, if it already computed them (saves the key
     projection).
@@ -95,15 +104,20 @@ def query_attention(
         1.0
     """
     bsz, n, _ = hidden_states.shape
-    qi = query_index % n
-    q, k = _rotated_qk(layer, hidden_states, position_embeddings, slice(qi, qi + 1), projections)
+    if isinstance(query_index, torch.Tensor):
+        qi = (query_index.to(hidden_states.device).long() % n).expand(bsz)
+        rows = qi[:, None]
+    else:
+        qi = torch.full((bsz,), query_index % n, device=hidden_states.device)
+        rows = slice(query_index % n, query_index % n + 1)
+    q, k = _rotated_qk(layer, hidden_states, position_embeddings, rows, projections)
     hd, heads, kv_heads = q.shape[-1], q.shape[1], k.shape[1]
     attn = layer.self_attn
     # Grouped-query attention without repeating the keys: group the query heads per kv head.
     logits = torch.matmul(q.view(bsz, kv_heads, heads // kv_heads, hd), k.transpose(-1, -2))
     logits = logits.view(bsz, heads, n) * attn.scaling
-    causal = torch.arange(n, device=hidden_states.device) <= qi
-    key_mask = causal[None] if key_mask is None else key_mask.bool() & causal[None]
+    causal = torch.arange(n, device=hidden_states.device)[None] <= qi[:, None]
+    key_mask = causal if key_mask is None else key_mask.bool() & causal
     return _mean_head_softmax(logits, key_mask)
 
 

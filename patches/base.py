@@ -35,16 +35,38 @@ from vtc.reduce import reduce_vision, resized
 
 from .adapter import Adapter
 from .decoder import LayerStages, SequenceState
+from .local import PerThread
 from .tome import padded, tower_merge
 
 _MISSING = object()
 # Set on the vision output: per pooler_output entry, {"cls(<layers>)": [N], "keys<L>": [N, C],
 # "layout.<name>": [N] (the adapter's layout)}.
 SIGNALS_ATTR = "vtc_signals"
+# Set on a cache (``cache.__dict__``) by the prefill that filled it: what decode steps and later
+# turns over that cache need (see :meth:`Installation._decode_step`).
+CACHE_ATTR = "_vtc"
 
 
 class Installation:
-    """A plan installed on one model instance; :meth:`remove` undoes it exactly."""
+    """A plan installed on one model instance; :meth:`remove` undoes it exactly.
+
+    State of one call lives per thread (:class:`~vtc.patches.local.PerThread`), and what decode
+    steps need rides on the cache the prefill filled, so one instance serves concurrent calls
+    and several conversations (each with its own cache) at once.
+    """
+
+    # Per call (per thread): the [CLS] rows and keys captured while the tower runs, the signals
+    # of the latest encoding (found by content when a device hook copied the encoder output),
+    # the prefill's vision reduction and sequence state (moved onto the cache after the
+    # forward), the decode step's scratch (None at prefill), the prompt length of the running
+    # ``generate`` (rows after it are draft tokens), and the record the forward will attach.
+    _captured = PerThread(dict)
+    _signals = PerThread()
+    _vision = PerThread()
+    _seq = PerThread()
+    _step = PerThread()
+    _prompt = PerThread()
+    _record = PerThread()
 
     def __init__(self, adapter: Adapter, plan: Plan) -> None:
         self.adapter, self.plan = adapter, plan
@@ -52,10 +74,7 @@ class Installation:
         self.base = adapter.base()
         self._saved: list[tuple[nn.Module, str, Any]] = []
         self._handles: list = []
-        self._captured: dict[int, torch.Tensor] = {}
-        self._vision: dict | None = None  # the prefill's vision reduction, for decode steps
-        self._seq: SequenceState | None = None  # the prefill's sequence state, for layer stages
-        self._step: dict | None = None  # per decode step scratch, None at prefill
+        self.model = adapter.model
         self.last_stats: Stats | None = None
         # A stage that keeps every token it receives is skipped: no scoring, no gather.
         reaching = [plan.image_tokens, *(s.keep for s in plan.stages)]
@@ -92,6 +111,9 @@ class Installation:
     def install(self) -> None:
         try:
             self._wrap(self.base, "forward", self._forward_wrapper)
+            if hasattr(self.model, "generate"):
+                self._wrap(self.model, "generate", self._generate_wrapper)
+            self._handles.append(self.model.register_forward_pre_hook(self._check_call, with_kwargs=True))
             if self.needs_tower or self.needs_hidden or self.adapter.has_layout:
                 self._wrap(self.base, "get_image_features", self._features_wrapper)
                 for layer in sorted({*self.cls_layers, *self.key_layers, *self.mean_key_layers}):
@@ -119,7 +141,7 @@ class Installation:
             else:
                 module.__dict__[name] = previous
         self._saved.clear()
-        self._vision = self._seq = self._step = None
+        self._vision = self._seq = self._step = self._record = self._signals = None
 
     def _wrap(self, module: nn.Module, name: str, make) -> None:
         original = getattr(module, name)
@@ -127,6 +149,37 @@ class Installation:
         self._saved.append((module, name, module.__dict__.get(name, _MISSING)))
         # An instance attribute shadows the class's method for this object only.
         module.__dict__[name] = wrapper
+
+    # -- the model's generate and forward ------------------------------------------------
+    def _generate_wrapper(self, original):
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+            if kwargs.get("prefill_chunk_size") or getattr(config, "prefill_chunk_size", None):
+                raise UnsupportedConfigurationError(
+                    "vtc cannot run a chunked prefill (prefill_chunk_size): it reduces the image tokens of the "
+                    "whole prompt in one forward. Pass prefill_chunk_size=None, or vtc.remove(model) first"
+                )
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            previous = self._prompt
+            # The prompt's length: rows beyond it in a prefill are draft tokens (assisted decoding).
+            self._prompt = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._prompt = previous
+
+        return generate
+
+    def _check_call(self, module, args, kwargs):
+        if kwargs.get("labels") is not None and (
+            kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None
+        ):
+            raise UnsupportedConfigurationError(
+                "vtc shortens the sequence, so the logits no longer line up with labels: a training forward with "
+                "labels is not supported under vtc; call vtc.remove(model) to train, or compute the loss yourself "
+                "from the returned logits (they cover the surviving rows, the last one always text)"
+            )
 
     # -- the base forward --------------------------------------------------------------
     def _forward_wrapper(self, original):
@@ -144,10 +197,17 @@ class Installation:
         def forward(*args, **kwargs):
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
+            self._record = None
             self._before_forward(bound.arguments)
             # Everything by name: decorators of the forward fill in config defaults by name.
             named = {k: v for k, v in bound.arguments.items() if k not in variadic}
-            return original(**named, **{k: v for name in variadic for k, v in bound.arguments[name].items()})
+            out = original(**named, **{k: v for name in variadic for k, v in bound.arguments[name].items()})
+            record, self._record = self._record, None
+            cache = getattr(out, "cache", None)
+            if record is not None and cache is not None:
+                # Decode steps and later turns over this cache find the prefill's state on it.
+                cache.__dict__[CACHE_ATTR] = record
+            return out
 
         return forward
 
@@ -163,6 +223,8 @@ class Installation:
             return
         self._step = None
         self._vision = self._seq = None
+        if cache is not None:
+            cache.__dict__.pop(CACHE_ATTR, None)
         ids = a["input_ids"]
         has_images = a["pixel_values"] is not None or (a["mm_encoder_outputs"] or {}).get("image") is not None
         if ids is None:
@@ -182,6 +244,10 @@ class Installation:
             out = self.adapter.encode_images(a)
         images = self._images(out, image_mask)
         bsz, total = ids.shape
+        # Rows after the prompt of the running generate: assisted decoding's draft tokens, verified
+        # in this same forward. They are text (kept); scoring and decode steps leave them out.
+        prompt = self._prompt
+        drafts = total - prompt if prompt is not None and 0 < prompt < total else 0
         kept: dict[str, list[torch.Tensor]] = {}
         for i, stage in enumerate(self.vision_stages):
             kept[stage.where] = self._reduce_images(i, stage, images)
@@ -198,8 +264,9 @@ class Installation:
             out = copy.copy(out)
             out.pooler_output = self.adapter.pooler_output([im.feats for im in images])
             real = (~pad).sum(dim=1, keepdim=True)
-            self._vision = {"rows": rows, "valid": ~pad, "ragged": ragged, "length": total,
-                            "dropped": total - real, "compact": compact}
+            width = rows.shape[1] - drafts  # the drafts are the last columns of every sample
+            self._vision = {"rows": rows[:, :width], "valid": ~pad[:, :width], "ragged": ragged,
+                            "length": total - drafts, "dropped": total - real, "compact": compact}
         # Hand over the features computed here, so the original forward does not encode again.
         mm["image"] = out
         a["mm_encoder_outputs"], a["pixel_values"] = mm, None
@@ -222,10 +289,15 @@ class Installation:
                 keep_of={s.where: [im.keeps[first + j] for im in images]
                          for j, s in enumerate(self.layer_stages.stages)},
                 kept=kept,
+                drafts=drafts,
             )
             kept = self._seq.kept  # layer stages add their survivors to the same record
+        self._record = {"vision": self._vision, "seq": self._seq,
+                        # Positions of the prompt the cache holds no row for (a uniform count: with
+                        # unequal drops the shorter samples hold padding slots).
+                        "offset": 0 if rows is None else total - rows.shape[1]}
         sizes = [im.size for im in images if im.sample == 0]
-        text = total - sum(sizes)
+        text = total - drafts - sum(sizes)
         self.last_stats = make_stats(self.info, self.active_plan, text, sizes, kept, self.adapter.vision_hidden_size())
 
     @staticmethod
@@ -253,7 +325,9 @@ class Installation:
                 f"feature tokens: build the prompt with the model's processor"
             )
         feats = torch.cat([e.reshape(-1, e.shape[-1]) for e in entries]).split(lengths)
-        captured = getattr(out, SIGNALS_ATTR, None) or {}
+        # A device hook (accelerate's offload, device_map) may hand over a copy of the encoder output
+        # without the attribute: then the latest encoding's record is searched by content.
+        captured = getattr(out, SIGNALS_ATTR, None) or self._signals or {}
         per_entry = [_lookup(captured, e) for e in entries]
         if (self.needs_tower or self.tower is not None) and any(sig is None for sig in per_entry):
             raise VtcError(
@@ -372,14 +446,47 @@ class Installation:
         return scores, metric, layout or None
 
     def _decode_step(self, a: dict) -> None:
+        """A forward over a filled cache: a decode step, assisted decoding's verification of drafts,
+        or the next turn of a chat continued over the returned cache.
+
+        The prefill's state is read from the cache (it outlives the call that filled it). A vision
+        reduction left the cache ``offset`` rows shorter than the positions it stands for, while
+        ``generate`` picks the new ids of a continued chat by the cache's length: the surplus ids at
+        the front (already in the cache, reduced) are cut here, found from the 2-D mask's width or
+        the last position, both counted in original positions. So a continued chat equals a fresh
+        run of the whole conversation whose image is reduced the same way (pre-LLM methods); layer
+        stages keep the first turn's pruning (the cache holds only its survivors).
+        """
+        cache = a["cache"]
+        record = cache.__dict__.get(CACHE_ATTR) or {}
+        v, seq, offset = record.get("vision"), record.get("seq"), record.get("offset", 0)
+        past = cache.get_seq_length()
+        key = "input_ids" if a["input_ids"] is not None else "inputs_embeds"
+        ids = a[key]
+        if offset:
+            mask, pos = a["attention_mask"], a["position_ids"]
+            if mask is not None and mask.dim() == 2:
+                fresh = mask.shape[1] - past - offset
+            elif pos is not None and mask is None:  # no padding: the last position is the last column
+                fresh = int(pos.reshape(-1, pos.shape[-1])[:, -1].max()) + 1 - past - offset
+            else:
+                fresh = ids.shape[1]
+            if 0 < fresh < ids.shape[1]:
+                a[key] = ids = ids[:, -fresh:]
+                if pos is not None and pos.shape[-1] > fresh:
+                    a["position_ids"] = pos[..., -fresh:]
         if a["pixel_values"] is not None or (a["mm_encoder_outputs"] or {}).get("image") is not None:
-            raise VtcError("vtc reduces images at prefill only: a step with a cache cannot add an image")
-        self._step = {"state": self._seq}
-        ids = a["input_ids"] if a["input_ids"] is not None else a["inputs_embeds"]
+            raise UnsupportedConfigurationError(
+                "vtc reduces images only in a forward that starts from an empty cache: to continue a chat over "
+                "the returned cache pass the new turn's ids without pixel_values (its image is in the cache); an "
+                "image after a cached prefix (prefix caching) is not supported: run the whole prompt without a cache"
+            )
+        if seq is not None:
+            seq.prompt_only()
+        self._step = {"state": seq}
         # Tokens after the prompt, this step's included (the LLM's prompt is the reduced one).
-        v = self._vision
-        prompt = self._seq.length if self._seq is not None else v["rows"].shape[1] if v is not None else 0
-        new = a["cache"].get_seq_length() - prompt + ids.shape[1]
+        prompt = seq.length if seq is not None else v["rows"].shape[1] if v is not None else 0
+        new = past - prompt + ids.shape[1]
         self._step["new"] = new
         if v is None:
             return
@@ -449,6 +556,7 @@ class Installation:
             record = {_key(e): sig for e, sig in zip(entries, per_entry)}
             record["entries"] = list(zip(entries, per_entry))
             setattr(out, SIGNALS_ATTR, record)
+            self._signals = record
             self._captured.clear()
             return out
 
@@ -467,8 +575,8 @@ def _lookup(captured: dict, entry: torch.Tensor) -> dict | None:
     copy is found by its content (equal features come from equal images, so equal signals)."""
     if _key(entry) in captured:
         return captured[_key(entry)]
-    return next((sig for e, sig in captured.get("entries", ()) if e.shape == entry.shape and torch.equal(e, entry)),
-                None)
+    return next((sig for e, sig in captured.get("entries", ())
+                 if e.shape == entry.shape and torch.equal(e.to(entry.device), entry)), None)
 
 
 @dataclasses.dataclass

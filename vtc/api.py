@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,8 +49,11 @@ def apply(model: nn.Module, method: str | list[str], budget: int | float | None 
         >>> out = model.generate(**inputs)                  # doctest: +SKIP
         >>> vtc.remove(model)                               # doctest: +SKIP
     """
-    from vtc.patches.base import Installation
-
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise UnsupportedConfigurationError(
+            "vtc patches the model instance, which torch.compile has already wrapped: apply vtc first, then "
+            "compile (model = vtc.apply(model, ...); model = torch.compile(model))"
+        )
     if ATTR in model.__dict__:
         raise VtcError(
             f"vtc method {model.__dict__[ATTR].plan.method!r} is already applied to this model; "
@@ -60,10 +65,34 @@ def apply(model: nn.Module, method: str | list[str], budget: int | float | None 
             "tokens. Set model.generation_config.cache_implementation = None (dynamic cache)"
         )
     adapter, the_plan = _make(model, method, budget, params)
+    _install(model, adapter, the_plan)
+    return model
+
+
+def _install(model: nn.Module, adapter, the_plan: Plan):
+    from vtc.patches.base import Installation
+
     installation = Installation(adapter, the_plan)
     installation.install()
     model.__dict__[ATTR] = installation
-    return model
+    # copy.deepcopy looks __deepcopy__ up on the instance first: the copy gets its own patches.
+    model.__dict__["__deepcopy__"] = functools.partial(_deepcopy, model)
+    return installation
+
+
+def _deepcopy(model: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of a patched model: the unpatched model is copied (its wrappers and hooks
+    would otherwise stay bound to this model's modules and state), then the same plan is installed on
+    the copy and again on this model. The copy is independent: ``vtc.remove`` on it leaves this
+    model patched."""
+    installation = model.__dict__[ATTR]
+    remove(model)
+    try:
+        clone = copy.deepcopy(model, memo)
+    finally:
+        _install(model, installation.adapter, installation.plan).last_stats = installation.last_stats
+    _install(clone, type(installation.adapter)(clone), installation.plan).last_stats = installation.last_stats
+    return clone
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -75,6 +104,7 @@ def remove(model: nn.Module) -> nn.Module:
     installation = model.__dict__.pop(ATTR, None)
     if installation is None:
         raise VtcError("no vtc method is applied to this model; nothing to remove")
+    model.__dict__.pop("__deepcopy__", None)
     installation.remove()
     return model
 

@@ -350,3 +350,13 @@ def test_one_labeled_bar_per_cell(toy_shaped, tmp_path, capfd):
     err = capfd.readouterr().err
     assert "cell 1/2 full" in err and "cell 2/2 random@16" in err
     assert "Postprocessing" not in err and "vtc responding" not in err
+
+
+def test_speedups_compare_timings_taken_the_same_way():
+    from vtc.eval.report import _speedup
+
+    legacy_full = {"prefill_s_per_sample": 0.010}  # a row from before the timed repeats
+    full = {"prefill_s_per_sample": 0.008, "prefill_s_per_sample_eval": 0.010, "timing": {"repeats": 5}}
+    cell = {"prefill_s_per_sample": 0.002, "prefill_s_per_sample_eval": 0.005, "timing": {"repeats": 5}}
+    assert _speedup(full, cell) == pytest.approx(4.0)  # timed medians on both sides
+    assert _speedup(legacy_full, cell) == pytest.approx(2.0)  # evaluation passes on both sides

@@ -293,3 +293,36 @@ def test_offloaded_model_equals_in_memory(method, offload, tmp_path):
         seq, logits = greedy(offloaded, inputs, steps=4)
     assert torch.equal(seq, expected[0])
     torch.testing.assert_close(logits, expected[1])
+
+
+# -- the tiled families ---------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llava_next", "internvl"])
+@pytest.mark.parametrize("method", ["vtc_cls", "merge"])
+def test_tiled_families_chat_over_pruned_cache(family, method):
+    """Images of different sizes in one batch (samples shortened unequally, padding slots in the
+    cache): a continued chat equals a fresh run of the whole conversation."""
+    model = tiny_model(family)
+    inputs = tiny_inputs(model, batch=2, pad=[0, 2])
+    images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    with vtc.compressed(model, method, budget=0.4):
+        first, _ = _generate(model, **inputs)
+        conv, mask = _conversation(model, inputs, first.sequences)
+        continued, logits = _generate(model, input_ids=conv, attention_mask=mask, cache=first.cache)
+        fresh, fresh_logits = _generate(model, input_ids=conv, attention_mask=mask, **images)
+    torch.testing.assert_close(logits, fresh_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(continued.sequences, fresh.sequences)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "internvl"])
+@pytest.mark.parametrize("method", ["fastv", "vtc_cls+pdrop"])
+def test_tiled_families_right_padding(family, method):
+    from vtc.testing import split_inputs
+
+    model = tiny_model(family)
+    _, right = _right_padded(model, [0, 2])
+    alone = split_inputs(model, right)
+    with vtc.compressed(model, method, budget=0.5):
+        logits = model(**right).logits
+        n = logits.shape[1]
+        for b, p in enumerate([0, 2]):
+            torch.testing.assert_close(logits[b, n - p - 1], model(**alone[b]).logits[0, -1], atol=1e-4, rtol=1e-4)

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -397,9 +398,9 @@ def settings_difference(old: dict, new: dict) -> str | None:
     return "; ".join(diffs) or None
 
 
-def check_settings(out: Path, settings: dict) -> bool:
-    """Refuse a run whose settings differ from those ``out`` holds; record them when ``out`` has
-    none. Returns whether ``settings.json`` was written now.
+def check_settings(out: Path, settings: dict, write: bool = True) -> bool:
+    """Refuse a run whose settings differ from those ``out`` holds; record them (``write``) when
+    ``out`` has none. Returns whether ``settings.json`` was written now.
 
     Example:
         >>> check_settings(Path("runs/demo"), run_settings(SweepSpec(limit=20)))  # doctest: +SKIP
@@ -418,10 +419,19 @@ def check_settings(out: Path, settings: dict) -> bool:
         if diff:
             raise VtcError(f"{out} holds results of other settings ({diff}; see {path}): pass a new --out for "
                            f"this run, or delete {out} to redo it")
-    if path.is_file():
+    if path.is_file() or not write:
         return False
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    os.replace(tmp, path)  # whole or absent for a reader in another process
     return True
+
+
+def _is_main_process() -> bool:
+    """Whether this process writes the output (under ``accelerate launch``, rank 0 only)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def versions() -> dict:
@@ -577,12 +587,13 @@ def run(spec: SweepSpec, progress: bool = True, verbose: bool = False) -> Path:
     settings = run_settings(spec)
     created = _new_folders(out)
     out.mkdir(parents=True, exist_ok=True)
-    lock, wrote_settings = OutputLock(out / ".lock", f"a sweep into {out}"), False
+    lock, wrote_settings, main = OutputLock(out / ".lock", f"a sweep into {out}"), False, _is_main_process()
     try:
-        lock.acquire()
-        if repair_jsonl(out / "results.jsonl") is not None:
-            print(f"dropped the cut-off last line of {out / 'results.jsonl'} (its cell reruns)")
-        wrote_settings = check_settings(out, settings)
+        if main:  # under accelerate the other ranks answer their share; rank 0 locks and writes
+            lock.acquire()
+            if repair_jsonl(out / "results.jsonl") is not None:
+                print(f"dropped the cut-off last line of {out / 'results.jsonl'} (its cell reruns)")
+        wrote_settings = check_settings(out, settings, write=main)
         for cell, why in infeasible:
             print(f"skipping {cell.name}: {why}")
         done = {row["key"] for row in read_results(out)}
@@ -594,7 +605,8 @@ def run(spec: SweepSpec, progress: bool = True, verbose: bool = False) -> Path:
         write_reports(out)
     except BaseException:
         lock.release()
-        _clean_failed(out, created, wrote_settings)
+        if main:
+            _clean_failed(out, created, wrote_settings)
         raise
     finally:
         lock.release()

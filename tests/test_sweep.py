@@ -360,3 +360,15 @@ def test_speedups_compare_timings_taken_the_same_way():
     cell = {"prefill_s_per_sample": 0.002, "prefill_s_per_sample_eval": 0.005, "timing": {"repeats": 5}}
     assert _speedup(full, cell) == pytest.approx(4.0)  # timed medians on both sides
     assert _speedup(legacy_full, cell) == pytest.approx(2.0)  # evaluation passes on both sides
+
+
+def test_under_accelerate_only_rank_0_locks_and_writes(toy_shaped, tmp_path, monkeypatch):
+    import os
+    import socket
+
+    (tmp_path / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # rank 0's
+    monkeypatch.setattr(sweep, "_is_main_process", lambda: False)
+    _no_loading(monkeypatch)
+    with pytest.raises(AssertionError, match="was loaded"):  # rank 1 went on to load the model
+        sweep.run(_spec(toy_shaped, tmp_path), progress=False)
+    assert (tmp_path / ".lock").exists() and not (tmp_path / "settings.json").exists()

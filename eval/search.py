@@ -333,9 +333,21 @@ def run_search(spec: SearchSpec) -> Path:
     spec.check()
     info = _model_info(spec)
     budget_tokens = _check_budget(spec, info) if spec.algorithm == "psigmoid" else None
+    from vtc.eval.sweep import _new_folders
+
     out = Path(spec.out)
-    with OutputLock(out.with_name(out.name + ".lock"), f"a search into {out}"):
-        return _search(spec, out, budget_tokens)
+    created = _new_folders(out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with OutputLock(out.with_name(out.name + ".lock"), f"a search into {out}"):
+            return _search(spec, out, budget_tokens)
+    except BaseException:
+        for folder in created:  # a failed search leaves no empty folders
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def _search(spec: SearchSpec, out: Path, budget_tokens: float | None) -> Path:

@@ -162,3 +162,17 @@ def test_search_refuses_bad_settings():
                         ({"batch_size": -2}, "--batch-size -2"), ({"out": "/proc/vtc/s.json"}, "cannot write")]:
         with pytest.raises(vtc.VtcError, match=message):
             SearchSpec("gsearch", **kw).check()
+
+
+def test_search_makes_the_schedule_folder_and_removes_it_when_it_fails(toy_shaped, tmp_path, monkeypatch):
+    from vtc.eval import search
+
+    monkeypatch.setattr(vtc, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no weights")))
+    spec = search.SearchSpec("gsearch", model=toy_shaped, limit=4, out=str(tmp_path / "new" / "g.json"))
+    with pytest.raises(RuntimeError, match="no weights"):
+        search.run_search(spec)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    spec.tolerance = 10.0  # everything is within tolerance: one reference, then a binary search per layer
+    assert json.loads(search.run_search(spec).read_text())["counts"][0] == 144
+    assert not (tmp_path / "new" / "g.json.lock").exists()

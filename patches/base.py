@@ -67,6 +67,7 @@ class Installation:
     _step = PerThread()
     _prompt = PerThread()
     _record = PerThread()
+    _labels = PerThread()  # a training forward's labels, held back from the model (see _loss)
 
     def __init__(self, adapter: Adapter, plan: Plan) -> None:
         self.adapter, self.plan = adapter, plan
@@ -113,7 +114,8 @@ class Installation:
             self._wrap(self.base, "forward", self._forward_wrapper)
             if hasattr(self.model, "generate"):
                 self._wrap(self.model, "generate", self._generate_wrapper)
-            self._handles.append(self.model.register_forward_pre_hook(self._check_call, with_kwargs=True))
+            self._handles.append(self.model.register_forward_pre_hook(self._take_labels, with_kwargs=True))
+            self._handles.append(self.model.register_forward_hook(self._loss, with_kwargs=True))
             if self.needs_tower or self.needs_hidden or self.adapter.has_layout:
                 self._wrap(self.base, "get_image_features", self._features_wrapper)
                 for layer in sorted({*self.cls_layers, *self.key_layers, *self.mean_key_layers}):
@@ -171,15 +173,41 @@ class Installation:
 
         return generate
 
-    def _check_call(self, module, args, kwargs):
-        if kwargs.get("labels") is not None and (
-            kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs") is not None
-        ):
+    def _take_labels(self, module, args, kwargs):
+        """A training forward: the model would compare logits of the surviving rows with labels of
+        every row. Hold the labels back; :meth:`_loss` gathers them to the survivors."""
+        self._labels = None
+        if kwargs.get("labels") is None:
+            return None
+        self._labels = kwargs.pop("labels")
+        return args, kwargs
+
+    def _loss(self, module, args, kwargs, out):
+        """The loss of a training forward, over the rows that survived: each keeps its own label
+        (padding slots and dropped rows none), so the model's shifted cross-entropy pairs every
+        surviving row with the next surviving one. Text rows always survive, so a text label is
+        predicted from the same text as without vtc; a row before dropped image rows predicts the
+        next surviving one (an image row: commonly ignored, -100)."""
+        labels, self._labels = self._labels, None
+        if labels is None or getattr(out, "logits", None) is None:
+            return None
+        bsz, total = labels.shape
+        rows = torch.arange(total, device=labels.device).expand(bsz, -1)
+        valid = torch.ones_like(rows, dtype=torch.bool)
+        if self._vision is not None:  # rows the vision stages kept, padding slots invalid
+            rows, valid = self._vision["rows"], self._vision["valid"]
+        if self._seq is not None:  # then the rows every layer stage kept
+            rows = ops.gather_tokens(rows, self._seq.rows)
+            valid = ops.gather_tokens(valid, self._seq.rows) & (self._seq.image_of != -2)
+        if rows.shape[1] != out.logits.shape[1]:
             raise UnsupportedConfigurationError(
-                "vtc shortens the sequence, so the logits no longer line up with labels: a training forward with "
-                "labels is not supported under vtc; call vtc.remove(model) to train, or compute the loss yourself "
-                "from the returned logits (they cover the surviving rows, the last one always text)"
+                f"vtc cannot align labels with the {out.logits.shape[1]} logits rows of this forward "
+                f"(logits_to_keep?): pass labels with a forward that returns every surviving row"
             )
+        labels = ops.gather_tokens(labels, rows.to(labels.device)).masked_fill(~valid.to(labels.device), -100)
+        vocab = getattr(self.model.config, "text_config", self.model.config).vocab_size
+        loss = self.model.loss_function(logits=out.logits, labels=labels, vocab_size=vocab)
+        return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
 
     # -- the base forward --------------------------------------------------------------
     def _forward_wrapper(self, original):

@@ -249,12 +249,35 @@ def test_two_threads_share_one_patched_instance(llava, method):
 
 
 # -- 7. refusals ------------------------------------------------------------------------------
-def test_training_forward_with_labels_is_refused(llava):
-    inputs = tiny_inputs(llava)
-    with vtc.compressed(llava, "vtc_cls", budget=6):
-        with pytest.raises(UnsupportedConfigurationError, match="labels"):
-            llava(**inputs, labels=inputs["input_ids"])
-        llava(input_ids=inputs["input_ids"][:, :4], labels=inputs["input_ids"][:, :4])  # text only: nothing shortened
+@pytest.mark.parametrize("case", ["vtc_cls", "fastv", "vtc_cls+pdrop", "merge"])
+def test_training_forward_gathers_labels_with_survivors(llava, case):
+    """Fine-tuning under compression: labels are gathered to the surviving rows, so the loss is the
+    model's own shifted cross-entropy over them (text rows all survive, image rows are labelled
+    -100), and it has gradients."""
+    inputs = tiny_inputs(llava, batch=2, pad=[0, 2])
+    ids = inputs["input_ids"]
+    labels = ids.masked_fill((ids == llava.config.image_token_id) | (inputs["attention_mask"] == 0), -100)
+    params = IN_LLM.get(case, {"budget": 6})
+    with vtc.compressed(llava, case, **params):
+        out = llava(**inputs, labels=labels)
+        logits = llava(**inputs).logits
+    # Independently: the surviving rows are the text rows and some image rows (-100), in order.
+    text = labels != -100
+    n_image = int((ids[0] == llava.config.image_token_id).sum())
+    keep = logits.shape[1] - (ids.shape[1] - n_image)  # image rows in the last layer (pads kept)
+    expected = []
+    for b in range(ids.shape[0]):
+        image = (ids[b] == llava.config.image_token_id).nonzero()[:, 0]
+        row = torch.cat([labels[b, : image[0]], torch.full((keep,), -100), labels[b, image[-1] + 1 :]])
+        expected.append(row)
+    expected = torch.stack(expected)
+    assert int((expected != -100).sum()) == int(text.sum())
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                  expected[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, reference)
+    out.loss.backward()
+    assert llava.lm_head.weight.grad is not None
+    llava.zero_grad(set_to_none=True)
 
 
 def test_chunked_prefill_is_refused(llava):

@@ -602,7 +602,8 @@ def run(spec: SweepSpec, progress: bool = True, verbose: bool = False) -> Path:
             print(f"all {len(cells)} cells already in {out / 'results.jsonl'}")
         else:
             _run_cells(spec, manager, todo, out, progress, verbose)
-        write_reports(out)
+        if main:
+            write_reports(out)
     except BaseException:
         lock.release()
         if main:

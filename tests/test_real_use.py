@@ -96,7 +96,7 @@ def test_query_attention_per_sample_index():
 
 # -- 3. assisted decoding ---------------------------------------------------------------
 @pytest.mark.parametrize("method", ["fastv", "pdrop", "aim", "vtc_cls", "vtc_cls+pdrop"])
-@pytest.mark.parametrize("draft", ["same", "other"])
+@pytest.mark.parametrize("draft", ["same", "other", "self", "patched"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_assisted_decoding_equals_greedy(llava, llava_eager, method, draft, attn):
     """Drafts are verified in the prefill: they are never the query of in-LLM scoring nor scored, the
@@ -106,10 +106,14 @@ def test_assisted_decoding_equals_greedy(llava, llava_eager, method, draft, attn
     params = IN_LLM.get(method, {"budget": 6})
     if draft == "same":  # drafts accepted
         assistant, inputs = copy.deepcopy(llava), tiny_inputs(llava)
-    else:  # six drafts a round, mostly rejected (the cache cropped), and a padded prompt
+    elif draft == "other":  # six drafts a round, mostly rejected (the cache cropped), and a padded prompt
         assistant, inputs = tiny_model("llava", seed=1, attn=attn), tiny_inputs(llava, pad=[2])
         assistant.generation_config.num_assistant_tokens_schedule = "constant"
         assistant.generation_config.num_assistant_tokens = 6
+    elif draft == "self":  # the patched instance drafts for itself (nested generate calls)
+        assistant, inputs = llava, tiny_inputs(llava, pad=[2])
+    else:  # another model patched with the same method
+        assistant, inputs = vtc.apply(tiny_model("llava", seed=1, attn=attn), method, **params), tiny_inputs(llava)
     with vtc.compressed(llava, method, **params):
         plain, plain_logits = greedy(llava, inputs, steps=8)
         kept = vtc.stats(llava).kept
@@ -163,6 +167,29 @@ def test_chat_over_pruned_cache_without_mask(llava):
         fresh, fresh_logits = _generate(llava, input_ids=conv3, pixel_values=inputs["pixel_values"])
     torch.testing.assert_close(logits, fresh_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(third.sequences, fresh.sequences)
+
+
+def test_chat_over_pruned_cache_new_ids_only(llava):
+    """Only the new turn's ids with the whole conversation's mask (generate does not slice then)."""
+    inputs = tiny_inputs(llava)
+    with vtc.compressed(llava, "visionzip", budget=6):
+        first, _ = _generate(llava, **inputs)
+        conv, mask = _conversation(llava, inputs, first.sequences)
+        new = conv[:, first.sequences.shape[1] - 1 :]
+        _, logits = _generate(llava, input_ids=new, attention_mask=mask, cache=first.cache)
+        _, fresh_logits = _generate(llava, input_ids=conv, attention_mask=mask, pixel_values=inputs["pixel_values"])
+    torch.testing.assert_close(logits, fresh_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["fastv", "aim"])
+def test_prompt_lookup_decoding_equals_greedy(llava, method):
+    """Prompt lookup drafts from the prompt (its last two tokens repeat an earlier pair)."""
+    inputs = tiny_inputs(llava)
+    inputs["input_ids"][0, -2:] = inputs["input_ids"][0, -6:-4]
+    with vtc.compressed(llava, method, **IN_LLM[method]):
+        plain, _ = greedy(llava, inputs, steps=8)
+        lookup, _ = greedy(llava, inputs, steps=8, prompt_lookup_num_tokens=3)
+    assert torch.equal(lookup, plain)
 
 
 @pytest.mark.parametrize("method", sorted(IN_LLM))

@@ -123,6 +123,18 @@ def test_assisted_decoding_equals_greedy(llava, llava_eager, method, draft, attn
         assert all(torch.equal(a, b) for k in kept for a, b in zip(vtc.stats(llava).kept[k], kept[k]))
 
 
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "aim"])
+def test_generate_without_cache_equals_cached(llava, method):
+    """use_cache=False: every step is a prefill of the prompt and the tokens generated so far; they
+    are scored like drafts (never the query), so the pruning and the answer are the cached run's."""
+    inputs = tiny_inputs(llava, batch=2, pad=[0, 2])
+    with vtc.compressed(llava, method, **IN_LLM[method]):
+        cached = greedy(llava, inputs, steps=6)
+        uncached = greedy(llava, inputs, steps=6, use_cache=False)
+    assert torch.equal(uncached[0], cached[0])
+    torch.testing.assert_close(uncached[1], cached[1], atol=1e-5, rtol=1e-5)
+
+
 # -- 1. chats continued over the returned cache --------------------------------------------
 def _conversation(model, inputs, first):
     turn2 = torch.randint(3, 100, (inputs["input_ids"].shape[0], 5), generator=torch.Generator().manual_seed(1))

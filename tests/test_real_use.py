@@ -358,15 +358,17 @@ def test_offloaded_model_equals_in_memory(method, offload, tmp_path):
 
 
 # -- the tiled families ---------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llava_next", "internvl"])
-@pytest.mark.parametrize("method", ["vtc_cls", "merge"])
+@pytest.mark.parametrize(("family", "method"), [("llava_next", "vtc_cls"), ("llava_next", "merge"),
+                                               ("llava_next", "hired"), ("internvl", "vtc_cls"),
+                                               ("internvl", "merge"), ("internvl", "visionzip")])
 def test_tiled_families_chat_over_pruned_cache(family, method):
     """Images of different sizes in one batch (samples shortened unequally, padding slots in the
     cache): a continued chat equals a fresh run of the whole conversation."""
     model = tiny_model(family)
     inputs = tiny_inputs(model, batch=2, pad=[0, 2])
     images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    with vtc.compressed(model, method, budget=0.4):
+    params = {"alpha": 0.25, "early": 1} if method == "hired" else {}
+    with vtc.compressed(model, method, budget=0.4, **params):
         first, _ = _generate(model, **inputs)
         conv, mask = _conversation(model, inputs, first.sequences)
         continued, logits = _generate(model, input_ids=conv, attention_mask=mask, cache=first.cache)

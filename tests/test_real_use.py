@@ -234,14 +234,16 @@ def test_image_after_cached_prefix_is_refused(llava):
 
 
 # -- 6. deepcopy ----------------------------------------------------------------------------
-def test_deepcopy_is_independently_patched(llava):
+@pytest.mark.parametrize("method", ["fastv", "tome", "vtc_cls+pdrop"])
+def test_deepcopy_is_independently_patched(llava, method):
     inputs = tiny_inputs(llava)
+    params = IN_LLM.get(method, {"budget": 6})
     reference = copy.deepcopy(llava)  # unpatched
     with torch.no_grad():
         reference.model.language_model.layers[0].mlp.down_proj.weight.mul_(0.5)
-    with vtc.compressed(reference, "fastv", budget=8):
+    with vtc.compressed(reference, method, **params):
         expected = reference(**inputs).logits
-    vtc.apply(llava, "fastv", budget=8)
+    vtc.apply(llava, method, **params)
     before = llava(**inputs).logits
     clone = copy.deepcopy(llava)
     assert vtc.is_applied(clone) and clone.__dict__[vtc.api.ATTR].base is clone.model
@@ -257,6 +259,7 @@ def test_deepcopy_is_independently_patched(llava):
     assert clone(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]  # the copy unpatched
     assert not plain._forward_pre_hooks and "forward" not in plain.model.__dict__
     assert "forward" not in clone.model.__dict__ and "generate" not in clone.__dict__
+    assert all("forward" not in layer.__dict__ for layer in clone.model.vision_tower.encoder.layers)
 
 
 # -- 5. threads -------------------------------------------------------------------------------
@@ -353,6 +356,25 @@ def test_offloaded_model_equals_in_memory(method, offload, tmp_path):
                                               main_device="cpu", force_hooks=True)
     with vtc.compressed(offloaded, method, **params):
         seq, logits = greedy(offloaded, inputs, steps=4)
+    assert torch.equal(seq, expected[0])
+    torch.testing.assert_close(logits, expected[1])
+
+
+@pytest.mark.parametrize("method", ["vtc_cls", "tome"])
+def test_from_pretrained_with_device_map_offload(method, tmp_path):
+    """The load flag with a device_map that offloads the tower and the language model to disk."""
+    pytest.importorskip("accelerate")
+    model = tiny_model("llava")
+    model.save_pretrained(tmp_path / "m")
+    inputs = tiny_inputs(model)
+    with vtc.compressed(model, method, budget=6):
+        expected = greedy(model, inputs, steps=4)
+    device_map = {"model.vision_tower": "disk", "model.multi_modal_projector": "cpu",
+                  "model.language_model": "disk", "lm_head": "cpu"}
+    loaded = vtc.from_pretrained(str(tmp_path / "m"), method=method, budget=6, device_map=device_map,
+                                 offload_folder=str(tmp_path / "offload"))
+    assert getattr(loaded, "hf_device_map", None)
+    seq, logits = greedy(loaded, inputs, steps=4)
     assert torch.equal(seq, expected[0])
     torch.testing.assert_close(logits, expected[1])
 

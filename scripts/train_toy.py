@@ -8,13 +8,19 @@ Stages (each checkpointed under ``--work``; rerunning the same command resumes):
    the feature layer) and a dense per-patch objective (color and shape class incl.
    background) on the LLaVA feature layer (-2).  Gate: per-patch shape accuracy on object
    patches > 90% on held-out scenes, else training is extended.  Then frozen.
-2. ``cache``: the frozen tower's layer -2 patch features of the stage-2 scenes (float16).
+1b. ``stage1b``: the tower's [CLS] attention taught to cover every object (query and key
+   projections only, the patch features held to stage 1's), as CLIP's [CLS] attends to
+   salient objects, which [CLS]-attention pruning relies on.
+2. ``cache``: the frozen tower's layer -2 features ([CLS] + patches) of the LM's scenes (float16).
 3. ``stage2``: 2-layer GELU projector + 8-layer Llama.  First an alignment warm-up (each
    image token predicts its color and shape word, or ``nothing``, through the tied LM
    head), then multi-turn question answering (8 questions per image) with the alignment
    loss kept as an auxiliary, attention supervision (LM layer 1 head 0 reads the
    question's color/shape words, layer 2 head 0 looks at the queried objects' tokens)
    and token-drop augmentation (image tokens hidden from attention in half the sequences).
+3b. ``stage3``: the same losses on *shortened* sequences (``toy_shorten``): image tokens
+   dropped (positions re-indexed or kept), merged, pooled, or laid out as VisionZip does,
+   so that the model answers from what compression methods hand a real VLM.
 4. ``final``: assemble ``LlavaForConditionalGeneration`` + ``LlavaProcessor``,
    ``save_pretrained`` into ``--model-dir`` and score it with ``generate`` on 500
    questions of the held-out seed.
@@ -26,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -229,7 +236,126 @@ def run_stage1(args: argparse.Namespace, tower: nn.Module) -> dict:
     return metrics
 
 
+# ---------------------------------------------------------------------------- stage 1b
+
+
+def cls_attention_rows(tower: nn.Module, x: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([len(layers), B, N], patch features of layer -2)``: each layer's [CLS] attention to
+    the patches (mean over heads) and the features LLaVA reads."""
+    out = tower(pixel_values=x, output_hidden_states=True, output_attentions=True)
+    rows = torch.stack([out.attentions[i][:, :, 0, 1:].mean(1) for i in layers])
+    return rows, out.hidden_states[-2][:, 1:]
+
+
+def cls_layers(tower: nn.Module) -> list[int]:
+    """The layers whose [CLS] attention stage 1b teaches: from layer 1 to LLaVA's feature layer."""
+    return list(range(1, tower.config.num_hidden_layers - 1))
+
+
+@torch.no_grad()
+def stage1b_eval(tower: nn.Module, teacher: nn.Module, seed: int, n: int = 128) -> dict:
+    """Share of objects with a patch among the top 16 / 48 patches by [CLS] attention at the
+    feature layer, and the features' drift from stage 1's (relative squared error)."""
+    tower.eval()
+    rng = random.Random(f"{seed}-stage1b-val")
+    hits: dict[str, list[float]] = {"covered16": [], "covered48": [], "drift": []}
+    for _ in range(n // 32):
+        scs = [scenes.make_scene(rng) for _ in range(32)]
+        x = pixels([scenes.render(sc) for sc in scs])
+        rows, feats = cls_attention_rows(tower, x, [tower.config.num_hidden_layers - 2])
+        ref = teacher(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+        hits["drift"].append(float(((feats - ref) ** 2).mean() / (ref**2).mean()))
+        shapes = torch.from_numpy(np.stack([scenes.patch_labels(sc)[1] for sc in scs]))
+        for k in (16, 48):
+            top = torch.zeros_like(shapes, dtype=torch.bool).scatter_(1, rows[0].topk(k).indices, True)
+            for row, sc in enumerate(scs):
+                ids = [scenes.SHAPES.index(o.shape) + 1 for o in sc.objects]
+                hits[f"covered{k}"].append(np.mean([bool((top[row] & (shapes[row] == i)).any()) for i in ids]))
+    tower.train()
+    return {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
+
+
+def run_stage1b(args: argparse.Namespace, tower: nn.Module) -> dict:
+    """Teach the tower's [CLS] to attend to every object (as CLIP's [CLS] attends to salient
+    objects, which [CLS]-attention pruning relies on), keeping the patch features LLaVA reads:
+    cross-entropy of the [CLS] attention (layers 1 to the feature layer, mean over heads)
+    against a uniform distribution over object patches, plus the features' squared drift from
+    stage 1's tower; only the query and key projections train."""
+    path = args.work / "stage1b.pt"
+    ck = load_ckpt(path)
+    if ck is not None and ck.get("done"):
+        tower.load_state_dict(ck["tower"])
+        log(f"stage1b: done already ({ck['metrics']})")
+        return ck["metrics"]
+    teacher = copy.deepcopy(tower).eval().requires_grad_(False)
+    if ck is not None:
+        teacher.load_state_dict(ck["teacher"])
+    old_impl = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"  # attention weights are needed here
+    layers = cls_layers(tower)
+    params = [
+        p for i in layers for proj in ("q_proj", "k_proj")
+        for p in getattr(tower.encoder.layers[i].self_attn, proj).parameters()
+    ]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.lr1b, weight_decay=0.0)
+    step = 0
+    if ck is not None:
+        tower.load_state_dict(ck["tower"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        log(f"stage1b: resumed at step {step}/{args.cls_steps}")
+    else:
+        log(f"stage1b: before, {stage1b_eval(tower, teacher, args.seed)}")
+    tower.train()
+
+    def snapshot(done: bool = False, metrics: dict | None = None) -> None:
+        save_atomic({"tower": tower.state_dict(), "teacher": teacher.state_dict(), "opt": opt.state_dict(),
+                     "step": step, "done": done, "metrics": metrics}, path)
+
+    t0, last_save, n0 = time.time(), time.time(), step
+    while step < args.cls_steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.cls_steps, args.lr1b, 20)
+        rng = batch_rng(args.seed, "s1b", step)
+        scs = [scenes.make_scene(rng) for _ in range(args.batch1)]
+        x = pixels([scenes.render(sc) for sc in scs])
+        shapes = torch.from_numpy(np.stack([scenes.patch_labels(sc)[1] for sc in scs]))
+        target = (shapes > 0).float() / (shapes > 0).float().sum(-1, keepdim=True)
+        rows, feats = cls_attention_rows(tower, x, layers)
+        with torch.no_grad():
+            ref = teacher(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+        attn = -(target * (rows + 1e-6).log()).sum(-1).mean()
+        drift = ((feats - ref) ** 2).mean() / (ref**2).mean()
+        loss = attn + args.drift_weight * drift
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 20 == 0:
+            rate = (time.time() - t0) / (step - n0)
+            log(f"stage1b step {step}/{args.cls_steps} attn {attn.item():.4f} drift {drift.item():.5f} "
+                f"{rate:.2f}s/step eta {rate * (args.cls_steps - step) / 60:.1f} min")
+        if time.time() - last_save > args.save_every:
+            snapshot()
+            last_save = time.time()
+    for p in params:
+        p.requires_grad_(False)
+    metrics = stage1b_eval(tower, teacher, args.seed)
+    tower.config._attn_implementation = old_impl
+    log(f"stage1b: done, {metrics}")
+    snapshot(done=True, metrics=metrics)
+    return metrics
+
+
 # ------------------------------------------------------------------------------ cache
+
+
+def tower_tag(args: argparse.Namespace) -> str:
+    """Which tower the cached features come from (stage 1, or stage 1b after it)."""
+    return "stage1b" if args.cls_steps > 0 else "stage1"
 
 
 @torch.no_grad()
@@ -237,7 +363,7 @@ def run_cache(args: argparse.Namespace, tower: nn.Module) -> dict:
     path = args.work / "features.pt"
     if path.exists():
         cache = torch.load(path, weights_only=False)
-        if cache["n"] == args.n_cache + args.n_val and cache.get("with_cls"):
+        if cache["n"] == args.n_cache + args.n_val and cache.get("with_cls") and cache.get("tower") == tower_tag(args):
             return cache
     tower.eval()
     rng = random.Random(f"{args.seed}-stage2-scenes")
@@ -257,6 +383,7 @@ def run_cache(args: argparse.Namespace, tower: nn.Module) -> dict:
     cache = {
         "n": n,
         "with_cls": True,
+        "tower": tower_tag(args),
         "feats": torch.cat(feats),
         "colors": torch.cat(colors),
         "shapes": torch.cat(shapes),
@@ -786,6 +913,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch1", type=int, default=32)
     p.add_argument("--gate", type=float, default=0.9, help="per-patch shape accuracy (object patches) to pass")
     p.add_argument("--lr1", type=float, default=1e-3)
+    p.add_argument("--cls-steps", type=int, default=300, help="stage 1b steps ([CLS] attention; 0: skip)")
+    p.add_argument("--lr1b", type=float, default=3e-4)
+    p.add_argument("--drift-weight", type=float, default=20.0, help="stage 1b: weight of the features' drift")
     p.add_argument("--n-cache", type=int, default=12000, help="stage-2 training images (cached features)")
     p.add_argument("--n-val", type=int, default=384)
     p.add_argument("--stage2-steps", type=int, default=2200)
@@ -819,7 +949,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--n-eval", type=int, default=500)
     p.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints")
-    p.add_argument("--stop-after", choices=["stage1", "cache", "stage2", "stage3"], default=None)
+    p.add_argument("--stop-after", choices=["stage1", "stage1b", "cache", "stage2", "stage3"], default=None)
     return p.parse_args(argv)
 
 
@@ -844,6 +974,10 @@ def main(argv: list[str] | None = None) -> None:
     run_stage1(args, tower)
     tower.requires_grad_(False)
     if args.stop_after == "stage1":
+        return
+    if args.cls_steps > 0:
+        run_stage1b(args, tower)
+    if args.stop_after == "stage1b":
         return
     cache = run_cache(args, tower)
     if args.stop_after == "cache":

@@ -273,3 +273,18 @@ def test_shipped_model_answers_fixed_set(model_and_processor):
     batched = toy.answer(model, processor, recs, batch_size=10)
     assert toy.score(recs, batched)["overall"] >= 0.9, list(zip([r.answer for r in recs], batched))
     assert toy.answer(model, processor, recs[:4], batch_size=1) == batched[:4]  # left padding is harmless
+
+
+@shipped
+def test_shipped_model_answers_from_shortened_sequences(model_and_processor):
+    """Toy v2 stands in for a real VLM under compression: a third of the tokens, re-indexed
+    (VTC-CLS's own rule), loses little, and keeping original positions is no better."""
+    import vtc
+
+    model, processor = model_and_processor
+    recs = toy.generate(40, seed=toy.EVAL_SEED + 2)
+    scores = {}
+    for positions in ("compact", "keep"):
+        with vtc.compressed(model, "vtc_cls", budget=48, positions=positions):
+            scores[positions] = toy.score(recs, toy.answer(model, processor, recs, batch_size=20))["overall"]
+    assert scores["compact"] >= 0.9 and scores["compact"] >= scores["keep"] - 0.05, scores

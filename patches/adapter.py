@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vtc import ops
 from vtc.plan import ModelInfo
 
 
@@ -32,6 +33,10 @@ class Adapter:
         "input_ids", "pixel_values", "attention_mask", "position_ids", "cache", "inputs_embeds",
         "mm_encoder_outputs",
     )
+    # Other per-row inputs of the base forward (``[B, T]``), gathered with the rows a vision stage keeps.
+    row_inputs: ClassVar[tuple[str, ...]] = ()
+    # The positions policy of every stage when a method is not given ``positions`` (None: the method's).
+    default_positions: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -55,6 +60,40 @@ class Adapter:
 
     def vision_attention(self, layer: int) -> nn.Module:
         raise NotImplementedError
+
+    def vision_keys(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The attention keys (before any RoPE) of a vision attention module for its input ``hidden``."""
+        return module.k_proj(hidden)
+
+    def check_plan(self, plan) -> None:
+        """Refuse, with :class:`~vtc.errors.UnsupportedConfigurationError`, a plan this family cannot run."""
+
+    def prefill_positions(self, arguments: dict) -> None:
+        """Fill in the base forward's ``position_ids`` the model would compute from the original prompt,
+        where it computes them itself from more than row order (Qwen's 3-D M-RoPE); before rows are dropped."""
+
+    def reduce_positions(self, pos: torch.Tensor | None, rows: torch.Tensor, pad: torch.Tensor, ragged: bool,
+                         compact: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``position_ids`` gathered to the kept ``rows`` (``pad``: padding slots), re-indexed under
+        ``compact``; and by how much a decode step's position moves back per sample ``[B, 1]`` (None: by
+        the rows dropped)."""
+        if pos is None and (ragged or not compact):
+            pos = torch.arange(int(rows.max()) + 1, device=rows.device)[None]  # original row order
+        if pos is not None:
+            pos = ops.gather_tokens(pos, rows)
+            if compact:
+                # Move each row back by the image rows dropped before it in its sample.
+                rank = torch.arange(rows.shape[1], device=rows.device) - pad.sum(dim=1, keepdim=True)
+                pos = pos - (rows - rank)
+        return pos, None
+
+    def encode_others(self, arguments: dict) -> None:
+        """Once the images' encoder output is handed to the base forward (``mm_encoder_outputs``), encode
+        the other modalities still given as pixels (Qwen's video) into it too: the forward refuses both."""
+
+    def decode_positions(self, arguments: dict, past: int, offset: int) -> None:
+        """Fill in a decode step's ``position_ids`` where the model would number it by the cache's length,
+        which a vision reduction made ``offset`` rows shorter than the positions it stands for."""
 
     def info(self) -> ModelInfo:
         raise NotImplementedError

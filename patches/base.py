@@ -72,6 +72,7 @@ class Installation:
     def __init__(self, adapter: Adapter, plan: Plan) -> None:
         self.adapter, self.plan = adapter, plan
         self.info = adapter.info()
+        adapter.check_plan(plan)
         self.base = adapter.base()
         self._saved: list[tuple[nn.Module, str, Any]] = []
         self._handles: list = []
@@ -288,16 +289,19 @@ class Installation:
                 keep[im.sample] = torch.cat([keep[im.sample], im.rows[im.index]])
             rows, pad = ops.left_pad([r.sort().values for r in keep])
             ragged = bool(pad.any())  # samples shortened unequally
-            self._reduce_inputs(a, rows, pad, ragged, compact)
+            self.adapter.prefill_positions(a)
+            shift = self._reduce_inputs(a, rows, pad, ragged, compact)
             out = copy.copy(out)
             out.pooler_output = self.adapter.pooler_output([im.feats for im in images])
             real = (~pad).sum(dim=1, keepdim=True)
             width = rows.shape[1] - drafts  # the drafts are the last columns of every sample
             self._vision = {"rows": rows[:, :width], "valid": ~pad[:, :width], "ragged": ragged,
-                            "length": total - drafts, "dropped": total - real, "compact": compact}
+                            "length": total - drafts, "dropped": total - real if shift is None else shift,
+                            "compact": compact}
         # Hand over the features computed here, so the original forward does not encode again.
         mm["image"] = out
         a["mm_encoder_outputs"], a["pixel_values"] = mm, None
+        self.adapter.encode_others(a)  # the model takes encoder outputs or pixels, not both
         if self.layer_stages.stages:
             image_of, grid_of, protected = self._row_maps(ids, images)
             if rows is not None:  # to the rows the vision stages kept
@@ -430,27 +434,24 @@ class Installation:
                     im.keeps[i:] = [min(k, im.index.numel()) for k in im.keeps[i:]]
         return [im.index for im in images]
 
-    def _reduce_inputs(self, a: dict, rows: torch.Tensor, pad: torch.Tensor, ragged: bool, compact: bool) -> None:
+    def _reduce_inputs(self, a: dict, rows: torch.Tensor, pad: torch.Tensor, ragged: bool, compact: bool):
         """Gather the sequence inputs to ``rows`` (``pad``: slots that fill a shortened sample, masked
-        out); always pass a mask (gapped positions need one)."""
+        out); always pass a mask (gapped positions need one). Returns how far a decode step's position
+        moves back per sample (None: by the rows dropped)."""
         ids = a["input_ids"]
         mask = a["attention_mask"]
         if mask is None:
             mask = torch.ones_like(ids)
-        pos = a["position_ids"]
-        if pos is None and (ragged or not compact):
-            pos = torch.arange(ids.shape[1], device=ids.device)[None]
-        if pos is not None:
-            pos = ops.gather_tokens(pos, rows)
-            if compact:
-                # Move each row back by the image rows dropped before it in its sample.
-                rank = torch.arange(rows.shape[1], device=rows.device) - pad.sum(dim=1, keepdim=True)
-                pos = pos - (rows - rank)
+        pos, shift = self.adapter.reduce_positions(a["position_ids"], rows, pad, ragged, compact)
+        for name in self.adapter.row_inputs:
+            if a.get(name) is not None:
+                a[name] = ops.gather_tokens(a[name], rows).masked_fill(pad, 0)
         a["input_ids"] = ops.gather_tokens(ids, rows).masked_fill(pad, self.adapter.pad_token_id())
         a["attention_mask"] = ops.gather_tokens(mask, rows).masked_fill(pad, 0)
         a["position_ids"] = pos
         if a["inputs_embeds"] is not None:
             a["inputs_embeds"] = ops.gather_tokens(a["inputs_embeds"], rows)
+        return shift
 
     def _vision_signals(self, stage: Stage, images: list[Image]):
         """Scores ``[I, n]``, merge metric ``[I, n, C]`` (or second scores ``[I, n]``) and token layout
@@ -509,6 +510,8 @@ class Installation:
                 "the returned cache pass the new turn's ids without pixel_values (its image is in the cache); an "
                 "image after a cached prefix (prefix caching) is not supported: run the whole prompt without a cache"
             )
+        if offset:
+            self.adapter.decode_positions(a, past, offset)
         if seq is not None:
             seq.prompt_only()
         self._step = {"state": seq}
@@ -537,7 +540,7 @@ class Installation:
             if layer in self.cls_layers:
                 self._captured[layer] = ops.cls_attention(module, hidden)
             if layer in self.key_layers or layer in self.mean_key_layers:
-                keys = module.k_proj(hidden)
+                keys = self.adapter.vision_keys(module, hidden)
                 if layer in self.key_layers:
                     self._captured[f"keys{layer}"] = keys
                 if layer in self.mean_key_layers:  # VisionZip's metric: the keys averaged over heads

@@ -265,7 +265,8 @@ class LayerStages:
             state.protected = ops.gather_tokens(state.protected, keep) & ~pad
         grid = ops.gather_tokens(state.grid_of, state.rows)
         state.kept[stage.where] = [grid[b][state.image_of[b] == g] for g, b in enumerate(state.sample_of)]
-        pos = ops.gather_tokens(kwargs["position_ids"], keep)
+        # Qwen's M-RoPE layers get no position_ids (their positions are in (cos, sin) only).
+        pos = None if kwargs.get("position_ids") is None else ops.gather_tokens(kwargs["position_ids"], keep)
         compact = stage.positions == "compact"
         if compact:
             # Re-index survivors contiguously: each row moves back by the real rows this stage

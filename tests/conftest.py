@@ -13,8 +13,12 @@ torch.set_num_threads(1)
 # (attention implementation, language model[, family]): both attention paths, a Qwen2 LM
 # (biased q/k/v), and the tiled families, whose images differ in size within a batch.
 BACKENDS = [("sdpa", "llama"), ("eager", "llama"), ("sdpa", "qwen2")]
-FAMILIES = [("sdpa", "llama", "llava_next"), ("sdpa", "qwen2", "internvl"), ("eager", "llama", "internvl")]
-TILED = ("llava_next", "internvl")
+FAMILIES = [("sdpa", "llama", "llava_next"), ("sdpa", "qwen2", "internvl"), ("eager", "llama", "internvl"),
+            ("sdpa", "qwen2", "qwen2_5_vl"), ("eager", "qwen2", "qwen2_5_vl")]
+# Families whose images differ in size (cases count tokens as fractions of each image).
+TILED = ("llava_next", "internvl", "qwen2_5_vl")
+# Methods a family's tower cannot serve (no [CLS] token, no square grid, no tiles' regions).
+NO_CLS = ("qwen2_5_vl",)
 # Cases of the shared matrix: (method, parameters) at budgets that reduce tokens on the tiny
 # model (16 tokens per image, 6 layers), plus position-policy variants.
 METHODS = {
@@ -50,12 +54,17 @@ def method_cases() -> list[str]:
 def applies(backend: tuple, case: str) -> bool:
     """Whether a case's method runs on a backend's family: ``pool`` needs a square token grid
     (not tiled images), ``tome`` a tower whose tokens are the features (not tiled images),
-    ``hired`` LLaVA-NeXT's tile regions. The refusals are tested in tests/test_families.py
+    ``hired`` LLaVA-NeXT's tile regions; Qwen2.5-VL's tower has no [CLS] token and its positions are
+    3-D (kept). The refusals are tested in tests/test_families.py
     and tests/test_tome.py."""
     family = backend[2] if len(backend) > 2 else "llava"
     method = METHODS[case][0]
     names = method if isinstance(method, list) else method.split("+")
     untiled = ("pool", "tome")
+    if family in NO_CLS:
+        # Qwen2.5-VL keeps 3-D positions and refuses compact ones (tests/test_qwen2_5_vl.py).
+        cls = {"vtc_cls", "visionzip", "hired"}
+        return not (set(names) & (cls | set(untiled))) and METHODS[case][1].get("positions") != "compact"
     return not (set(names) & set(untiled) and family in TILED) and not ("hired" in names and family != "llava_next")
 
 

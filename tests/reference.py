@@ -40,6 +40,7 @@ def reference_logits(
     position_ids: torch.Tensor | None = None,
     vision_embeds: torch.Tensor | None = None,
     prompt: int | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
     **image_inputs,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits of every row ``[B, P, V]`` and each sample's rows surviving all stages.
@@ -65,6 +66,14 @@ def reference_logits(
         for b, rows in enumerate(stages[0][1]):
             embeds[b, rows] = vision_embeds[b, vision_embeds.shape[1] - rows.numel():]
     pos = torch.arange(total)[None].expand(bsz, -1) if position_ids is None else position_ids.clone()
+    mrope = hasattr(model.model, "get_rope_index")
+    if mrope and position_ids is None:
+        # Qwen2.5-VL: the 3-D M-RoPE positions of the whole original sequence (rows after the prompt are text).
+        types = mm_token_type_ids.clone()
+        types = torch.cat([types, types.new_zeros(bsz, total - types.shape[1])], dim=1)
+        types[:, prompt:] = 0
+        pos, _ = model.model.get_rope_index(input_ids, types, image_grid_thw=image_inputs.get("image_grid_thw"),
+                                            attention_mask=attention_mask)
 
     # Which rows each layer may attend to, and the RoPE positions it uses.
     alive = torch.ones(bsz, total, dtype=torch.bool)
@@ -89,6 +98,6 @@ def reference_logits(
             allowed = causal[None] & (keys & attention_mask.bool())[:, None, :]
             mask = torch.zeros(bsz, 1, total, total, dtype=embeds.dtype).masked_fill(~allowed[:, None], neg)
             cos_sin = lm.rotary_emb(h, cur_pos)
-        h = layer(h, attention_mask=mask, position_embeddings=cos_sin, position_ids=cur_pos)
+        h = layer(h, attention_mask=mask, position_embeddings=cos_sin, position_ids=None if mrope else cur_pos)
     logits = model.lm_head(lm.norm(h))
     return logits, [alive[b].nonzero()[:, 0] for b in range(bsz)]

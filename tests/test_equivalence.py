@@ -115,9 +115,11 @@ def test_cached_generation_equals_recomputation(model, case):
         ids = torch.cat([inputs["input_ids"], tokens[:, :t]], dim=1)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :t])], dim=1)
         pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 0)
+        image_inputs = {k: v for k, v in inputs.items() if k in ("image_sizes", "image_grid_thw", "mm_token_type_ids")}
+        if "image_grid_thw" in inputs:
+            pos = None  # Qwen2.5-VL: the reference computes the model's own 3-D positions
         ref, _ = reference_logits(model, ids, mask, inputs["pixel_values"], stages, position_ids=pos,
-                                  vision_embeds=seen[0], prompt=inputs["input_ids"].shape[1],
-                                  **{k: v for k, v in inputs.items() if k == "image_sizes"})
+                                  vision_embeds=seen[0], prompt=inputs["input_ids"].shape[1], **image_inputs)
         torch.testing.assert_close(step_logits[:, t], ref[:, -1], atol=1e-4, rtol=1e-4)
         assert torch.equal(ref[:, -1].argmax(-1), tokens[:, t])
 
@@ -210,7 +212,8 @@ def test_from_pretrained_applies_and_routes_parameters(tmp_path):
 
 def test_vision_tower_runs_once_per_prefill(model, inputs, case):
     calls = []
-    handle = model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    tower = getattr(model.model, "vision_tower", None) or model.model.visual
+    handle = tower.register_forward_hook(lambda *_: calls.append(1))
     try:
         with vtc.compressed(model, **case_kwargs(model, case)):
             with torch.no_grad():

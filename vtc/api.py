@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,13 @@ def _make(model: nn.Module, method, budget, params: dict):
 
     config = create_method(method, params)
     adapter = get_adapter(model)
-    return adapter, config.compile(adapter.info(), budget)
+    the_plan = config.compile(adapter.info(), budget)
+    family = getattr(adapter, "default_positions", None)
+    if family and not any(k.rpartition(".")[2] == "positions" for k in params):
+        # The family's positions policy (Qwen: original 3-D positions) unless the user chose one.
+        the_plan = dataclasses.replace(
+            the_plan, stages=tuple(dataclasses.replace(s, positions=family) for s in the_plan.stages))
+    return adapter, the_plan
 
 
 def plan(model: nn.Module, method: str | list[str], budget: int | float | None = None, **params: Any) -> Plan:

@@ -77,11 +77,13 @@ def _meta_model(name: str):
     """The model's architecture without weights (config only), enough for a plan."""
     import torch
 
-    if name in ("llava-1.5-shape", "llava-next-shape"):
-        from vtc.testing import llava15_shaped, llava_next_shaped
+    if name in ("llava-1.5-shape", "llava-next-shape", "qwen2.5-vl-shape"):
+        from vtc.testing import llava15_shaped, llava_next_shaped, qwen2_5_vl_shaped
 
+        shaped = {"llava-1.5-shape": llava15_shaped, "llava-next-shape": llava_next_shaped,
+                  "qwen2.5-vl-shape": qwen2_5_vl_shaped}[name]
         with torch.device("meta"):
-            return llava15_shaped() if name == "llava-1.5-shape" else llava_next_shaped()
+            return shaped()
     from vtc.eval.sweep import _meta_model as checked
 
     return checked(name)  # a missing or non-VLM model: a one-line error
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("models", help="list the supported model classes").set_defaults(fn=cmd_models)
     p = sub.add_parser("plan", help="print the plan a method compiles to on a model (no weights loaded)")
     p.add_argument("--model", default="llava-1.5-shape",
-                   help="hub id or path (config only), or llava-1.5-shape / llava-next-shape")
+                   help="hub id or path (config only), or llava-1.5-shape / llava-next-shape / qwen2.5-vl-shape")
     p.add_argument("--method", required=True)
     p.add_argument("--budget", type=_budget_arg, default=None, help="tokens per image (int) or fraction (float)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a native parameter")

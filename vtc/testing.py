@@ -54,18 +54,21 @@ def tiny_llava(
     return _instantiate(LlavaForConditionalGeneration, config, attn, dtype)
 
 
-# Image layouts tiny_inputs takes turns with, per tiled family (tiles of the tiny models).
-LAYOUTS = {"llava_next": [(56, 112), (112, 112), (112, 56)], "internvl": [3, 5, 2]}
+# Image layouts tiny_inputs takes turns with, per tiled family (tiles of the tiny models; Qwen2.5-VL:
+# (rows, cols) of 14px patches, i.e. 16, 24 and 24 tokens after the 2x2 merger).
+LAYOUTS = {"llava_next": [(56, 112), (112, 112), (112, 56)], "internvl": [3, 5, 2],
+           "qwen2_5_vl": [(8, 8), (8, 12), (12, 8)]}
 
 
 def tiny_model(family: str = "llava", **kwargs):
-    """A tiny random model of ``family`` (``llava``, ``llava_next``, ``internvl``).
+    """A tiny random model of ``family`` (``llava``, ``llava_next``, ``internvl``, ``qwen2_5_vl``).
 
     Example:
         >>> type(tiny_model("internvl", layers=1, vision_layers=1)).__name__
         'InternVLForConditionalGeneration'
     """
-    builders = {"llava": tiny_llava, "llava_next": tiny_llava_next, "internvl": tiny_internvl}
+    builders = {"llava": tiny_llava, "llava_next": tiny_llava_next, "internvl": tiny_internvl,
+                "qwen2_5_vl": tiny_qwen2_5_vl}
     if family == "internvl":
         kwargs.setdefault("text_model", "qwen2")
     return builders[family](**kwargs)
@@ -80,6 +83,8 @@ def split_inputs(model, inputs: dict) -> list[dict]:
         [torch.Size([1, 30]), torch.Size([1, 28])]
     """
     cfg = model.config
+    if "image_grid_thw" in inputs:
+        return _split_qwen(inputs)
     # How many entries of pixel_values each image takes: one, or (InternVL) one per tile.
     per_image = [[] for _ in inputs["input_ids"]]
     for b, rows in runs(inputs["input_ids"] == cfg.image_token_id):
@@ -117,6 +122,9 @@ def join_inputs(samples: list[dict]) -> dict:
         tiles = max(p.shape[1] for p in pixels)
         pixels = [torch.cat([p, p.new_zeros(p.shape[0], tiles - p.shape[1], *p.shape[2:])], 1) for p in pixels]
     out["pixel_values"] = torch.cat(pixels)
+    if "image_grid_thw" in samples[0]:
+        out["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in samples])
+        out["mm_token_type_ids"] = torch.cat([left(s["mm_token_type_ids"]) for s in samples])
     if "image_sizes" in samples[0]:
         out["image_sizes"] = torch.cat([s["image_sizes"] for s in samples])
     return out
@@ -141,6 +149,8 @@ def tiny_inputs(
     if cfg.model_type in LAYOUTS:
         options = LAYOUTS[cfg.model_type]
         layout = [[options[(b + i) % len(options)] for i in range(images)] for b in range(batch)]
+        if cfg.model_type == "qwen2_5_vl":
+            return qwen_inputs(model, images=layout, text=text, pad=pad, seed=seed)
         return tiled_inputs(model, images=layout, text=text, pad=pad, seed=seed)
     n = cfg.image_seq_length
     size = cfg.vision_config.image_size
@@ -378,3 +388,128 @@ def llava_next_shaped(*, width: int = 256, vision_width: int = 256, layers: int 
     )
     model.config.image_grid_pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     return model
+
+
+def tiny_qwen2_5_vl(
+    *,
+    layers: int = 6,
+    hidden: int = 96,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 128,
+    vision_layers: int = 3,
+    vision_hidden: int = 64,
+    window_size: int = 56,
+    attn: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    text_model: str = "qwen2",
+):
+    """A randomly initialised ``Qwen2_5_VLForConditionalGeneration``, in eval mode: a ``vision_layers``-deep
+    ViT (14px patches, windows of 2x2 merged tokens with ``window_size=56``, the last block full attention),
+    the 2x2 patch merger, and a Qwen2 LM with M-RoPE sections ``[4, 4, 4]`` (head_dim 24). The image token
+    is the last vocabulary id, the video token the one before (``text_model`` is ignored: the LM is Qwen2).
+
+    Example:
+        >>> m = tiny_qwen2_5_vl(layers=1, vision_layers=1)
+        >>> inputs = qwen_inputs(m, images=[[(8, 12)]])
+        >>> int((inputs["input_ids"] == m.config.image_token_id).sum())
+        24
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = {"hidden_size": hidden, "intermediate_size": hidden * 2, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+            "max_position_embeddings": 8192, "pad_token_id": 0,
+            "bos_token_id": None, "eos_token_id": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4]}}
+    vision = {"depth": vision_layers, "hidden_size": vision_hidden, "intermediate_size": vision_hidden * 2,
+              "num_heads": 4, "out_hidden_size": hidden, "patch_size": 14, "spatial_merge_size": 2,
+              "temporal_patch_size": 2, "window_size": window_size, "fullatt_block_indexes": [vision_layers - 1]}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=vocab - 1,
+                              video_token_id=vocab - 2, vision_start_token_id=1, vision_end_token_id=2)
+    return _instantiate(Qwen2_5_VLForConditionalGeneration, config, attn, dtype)
+
+
+def qwen_inputs(
+    model,
+    *,
+    images: list[list[tuple[int, int]]],
+    text: int = 12,
+    pad: list[int] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random left-padded Qwen2.5-VL prompts; ``images[b]`` lists each image's ``(rows, cols)`` of patches
+    (even numbers: ``rows * cols / 4`` tokens). Returns ``input_ids``, ``attention_mask``, ``pixel_values``
+    (``[patches, 3 * 2 * 14 * 14]``), ``image_grid_thw`` and ``mm_token_type_ids``, as the processor does.
+    """
+    cfg = model.config
+    token, unit = cfg.image_token_id, cfg.vision_config.spatial_merge_size ** 2
+    words_up_to = min(token, cfg.video_token_id)
+    gen = torch.Generator().manual_seed(seed)
+    pad = pad or [0] * len(images)
+    seqs = []
+    for sample in images:
+        words = torch.randint(3, words_up_to, (text,), generator=gen)
+        pieces, cut = [], torch.linspace(0, text, len(sample) + 2).long().tolist()
+        for i, (h, w) in enumerate(sample):
+            pieces += [words[cut[i]: cut[i + 1]], torch.full((h * w // unit,), token)]
+        pieces.append(words[cut[len(sample)]:])
+        seqs.append(torch.cat(pieces))
+    width = max(len(s) + p for s, p in zip(seqs, pad))
+    zeros = [torch.zeros(width - len(s), dtype=torch.long) for s in seqs]
+    ids = torch.stack([torch.cat([z, s]) for z, s in zip(zeros, seqs)])
+    mask = torch.stack([torch.cat([z, torch.ones_like(s)]) for z, s in zip(zeros, seqs)])
+    flat = [image for sample in images for image in sample]
+    v = cfg.vision_config
+    dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    pixel = torch.randn(sum(h * w for h, w in flat), dim, generator=gen).to(model.dtype)
+    grid = torch.tensor([[1, h, w] for h, w in flat], dtype=torch.long).view(-1, 3)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel, "image_grid_thw": grid,
+            "mm_token_type_ids": (ids == token).long()}
+
+
+def _split_qwen(inputs: dict) -> list[dict]:
+    """:func:`split_inputs` for Qwen2.5-VL's flat patches and per-image grids."""
+    grid = inputs["image_grid_thw"]
+    images_of = [0] * inputs["input_ids"].shape[0]
+    for b, _ in runs(inputs["mm_token_type_ids"] == 1):
+        images_of[b] += 1
+    patches = grid.prod(-1).tolist()
+    out, image, start = [], 0, 0
+    for b, n in enumerate(images_of):
+        real = inputs["attention_mask"][b].bool()
+        size = sum(patches[image: image + n])
+        out.append({"input_ids": inputs["input_ids"][b: b + 1, real],
+                    "attention_mask": inputs["attention_mask"][b: b + 1, real],
+                    "pixel_values": inputs["pixel_values"][start: start + size],
+                    "image_grid_thw": grid[image: image + n],
+                    "mm_token_type_ids": inputs["mm_token_type_ids"][b: b + 1, real]})
+        image, start = image + n, start + size
+    return out
+
+
+def qwen2_5_vl_shaped(*, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Qwen2.5-VL-7B-Instruct's geometry with random weights (build it under ``torch.device("meta")`` for a
+    plan): a 32-block ViT of width 1280 (windows of 112px, full attention in blocks 7, 15, 23, 31), the 2x2
+    merger, a 28-layer LM of width 3584 (28 heads, 4 KV heads, MLP 18944, M-RoPE sections [16, 24, 24]).
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = qwen2_5_vl_shaped()
+        >>> model.config.text_config.num_hidden_layers, model.config.vision_config.depth
+        (28, 32)
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+            "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 128000,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
+    vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+              "fullatt_block_indexes": [7, 15, 23, 31]}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                              vision_start_token_id=151652, vision_end_token_id=151653)
+    return _instantiate(Qwen2_5_VLForConditionalGeneration, config, attn, dtype)

@@ -1,0 +1,153 @@
+"""Adapter for Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): a ViT without a [CLS] token
+(``model.model.visual``), window attention over 2x2 groups of patches, a patch merger that turns
+each 2x2 group into one LLM token, images of any size (``image_grid_thw``), and 3-D M-RoPE
+positions (temporal, height, width) computed from the whole original prompt.
+
+* **Images.** ``get_image_features`` returns one entry per image (``h * w / 4`` tokens, raster
+  order of the merged grid); the prompt holds one run of ``image_token_id`` per image.
+* **Positions.** Survivors keep their original 3-D positions (the family's default, ``keep``): the
+  base forward's ``position_ids`` are computed before the reduction with the model's own
+  ``compute_3d_position_ids`` (which also caches ``rope_deltas`` as the model does) and gathered
+  with the rows. ``generate`` numbers decode steps from the original prompt (``text position +
+  rope_deltas``), so they stay right; a decode step given no ``position_ids`` (a hand-written loop)
+  is numbered here from the original prompt (cache length + the dropped rows + ``rope_deltas``),
+  where the model would count the shorter cache. ``compact`` is refused (see :meth:`check_plan`).
+* **Tower signals.** A per-patch quantity read in the tower (a vision layer's keys, for ``merge``)
+  is in window order, four patches per LLM token: it is averaged over each token's four patches
+  and put back in raster order with the tower's own window index (``get_vision_window_index``),
+  as the tower itself does with its merger's output.
+* **Video** (``pixel_values_videos``) passes through unreduced: its tokens are treated as text.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from vtc import ops
+from vtc.errors import UnsupportedConfigurationError
+from vtc.plan import ModelInfo, Plan
+from vtc.registry import register_adapter
+
+from .adapter import Adapter
+
+
+@register_adapter
+class Qwen2_5_VLAdapter(Adapter):
+    """Qwen2.5-VL family: images of any size, 3-D M-RoPE positions kept by default."""
+
+    family = "qwen2_5_vl"
+    class_names = ("Qwen2_5_VLForConditionalGeneration",)
+    model_types = ("qwen2_5_vl",)
+    forward_params = (*Adapter.forward_params, "image_grid_thw", "mm_token_type_ids")
+    # Rows of the prompt that stay with their tokens when rows are gathered.
+    row_inputs = ("mm_token_type_ids",)
+    # Survivors keep their original 3-D positions unless a method is given ``positions`` explicitly.
+    default_positions = "keep"
+    # Images come in any size: plans are compiled for a reference image of 1,024 tokens (896x896
+    # pixels, 32x32 merged patches); an image of n tokens keeps the same fraction (Plan.keeps_for).
+    reference_tokens = 1024
+
+    def vision_attention(self, layer: int):
+        return self.base().visual.blocks[layer].attn
+
+    def info(self) -> ModelInfo:
+        depth = self.model.config.vision_config.depth
+        return ModelInfo(
+            family=self.family,
+            image_tokens=self.reference_tokens,
+            vision_layers=depth,
+            vision_feature_layer=depth - 1,
+            has_cls=False,
+            tiled=True,  # images of different sizes, not one square grid
+            **self.text_sizes(),
+        )
+
+    def vision_hidden_size(self) -> int:
+        return self.model.config.vision_config.hidden_size
+
+    def check_plan(self, plan: Plan) -> None:
+        compact = [s.where for s in plan.stages if s.positions == "compact"]
+        if compact:
+            raise UnsupportedConfigurationError(
+                f"positions='compact' ({', '.join(compact)}) is not supported on {self.family}: its 3-D M-RoPE "
+                f"positions are kept for the survivors; pass positions='keep' (the default for this family)"
+            )
+        compute = getattr(self.base(), "compute_3d_position_ids", None)
+        params = inspect.signature(compute).parameters if compute is not None else {}
+        missing = [p for p in ("input_ids", "image_grid_thw", "attention_mask", "cache", "mm_token_type_ids")
+                   if p not in params]
+        if missing:
+            raise UnsupportedConfigurationError(
+                f"{type(self.base()).__name__}.compute_3d_position_ids is missing or no longer takes {missing}: "
+                f"this transformers version changed how Qwen2.5-VL computes positions; install a supported "
+                f"version (vtc.MIN_TRANSFORMERS)"
+            )
+
+    def encode_images(self, arguments: dict):
+        return self.base().get_image_features(arguments["pixel_values"], arguments["image_grid_thw"],
+                                              **{**arguments.get("kwargs", {}), "return_dict": True})
+
+    def encode_others(self, arguments: dict) -> None:
+        mm = arguments["mm_encoder_outputs"]
+        if arguments.get("pixel_values_videos") is not None and mm.get("video") is None:
+            mm["video"] = self.base().get_video_features(arguments["pixel_values_videos"],
+                                                         arguments.get("video_grid_thw"), return_dict=True)
+        arguments["pixel_values_videos"] = None
+
+    def vision_keys(self, module, hidden: torch.Tensor) -> torch.Tensor:
+        # One fused projection: [q | k | v].
+        return module.qkv(hidden).unflatten(-1, (3, -1))[..., 1, :]
+
+    def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
+        from transformers.vision_utils import get_vision_window_index
+
+        grid = arguments["image_grid_thw"]
+        visual = self.base().visual
+        window_index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                                  window_size=visual.window_size, patch_size=visual.patch_size)
+        unit = visual.spatial_merge_unit
+        scalar = per_token.dim() == 1
+        x = per_token[:, None] if scalar else per_token
+        # Four consecutive patches (window order) make one token; undo the window order as the tower does.
+        x = x.reshape(-1, unit, x.shape[-1]).mean(dim=1)[torch.argsort(window_index.to(x.device))]
+        entries = x.split((grid.prod(-1) // unit).tolist())
+        return [e[:, 0] if scalar else e for e in entries]
+
+    def pre_projector(self, out, arguments: dict):
+        # The merger reads 2x2 groups of patches: no per-token tower features.
+        return None
+
+    def prefill_positions(self, a: dict) -> None:
+        """The 3-D positions the model would compute for the whole original prompt (before rows are
+        dropped), with the model's own code; it caches ``rope_deltas`` as the model's forward does."""
+        if a["position_ids"] is not None or a["input_ids"] is None:
+            return
+        a["position_ids"] = self.base().compute_3d_position_ids(
+            input_ids=a["input_ids"], image_grid_thw=a.get("image_grid_thw"),
+            video_grid_thw=a.get("video_grid_thw"), inputs_embeds=a["inputs_embeds"],
+            attention_mask=a["attention_mask"], cache=a["cache"],
+            second_per_grid_ts=a.get("second_per_grid_ts"), mm_token_type_ids=a.get("mm_token_type_ids"),
+        )
+
+    def reduce_positions(self, pos, rows, pad, ragged, compact):
+        if pos is None or pos.dim() == 2:
+            return super().reduce_positions(pos, rows, pad, ragged, compact)
+        # [3 or 4, B, T] (generate prepends the text positions): each row of positions gathered.
+        return torch.stack([ops.gather_tokens(p, rows) for p in pos]), None
+
+    def decode_positions(self, a: dict, past: int, offset: int) -> None:
+        if a["position_ids"] is not None or not offset:
+            return
+        ids = a["input_ids"] if a["input_ids"] is not None else a["inputs_embeds"]
+        bsz, n = ids.shape[:2]
+        mask = a["attention_mask"]
+        if mask is not None and mask.dim() == 2:
+            text = (mask.long().cumsum(-1) - 1)[:, -n:]
+        else:
+            text = torch.arange(past + offset, past + offset + n, device=ids.device)[None].expand(bsz, -1)
+        deltas = self.base().rope_deltas
+        if deltas is not None:
+            text = text + deltas.repeat_interleave(bsz // deltas.shape[0], dim=0).to(text.device)
+        a["position_ids"] = text[None].expand(3, -1, -1)

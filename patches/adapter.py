@@ -72,11 +72,12 @@ class Adapter:
         """Fill in the base forward's ``position_ids`` the model would compute from the original prompt,
         where it computes them itself from more than row order (Qwen's 3-D M-RoPE); before rows are dropped."""
 
-    def reduce_positions(self, pos: torch.Tensor | None, rows: torch.Tensor, pad: torch.Tensor, ragged: bool,
+    def reduce_positions(self, arguments: dict, rows: torch.Tensor, pad: torch.Tensor, ragged: bool,
                          compact: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``position_ids`` gathered to the kept ``rows`` (``pad``: padding slots), re-indexed under
-        ``compact``; and by how much a decode step's position moves back per sample ``[B, 1]`` (None: by
-        the rows dropped)."""
+        """The base forward's ``position_ids`` gathered to the kept ``rows`` (``pad``: padding slots),
+        re-indexed under ``compact``; and by how much a decode step's position moves back per sample
+        ``[B, 1]`` (None: by the rows dropped)."""
+        pos = arguments["position_ids"]
         if pos is None and (ragged or not compact):
             pos = torch.arange(int(rows.max()) + 1, device=rows.device)[None]  # original row order
         if pos is not None:
@@ -86,6 +87,10 @@ class Adapter:
                 rank = torch.arange(rows.shape[1], device=rows.device) - pad.sum(dim=1, keepdim=True)
                 pos = pos - (rows - rank)
         return pos, None
+
+    def shift_positions(self, pos: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """A decode step's ``position_ids`` moved back by ``shift`` ``[B, 1]`` (compacted prompt positions)."""
+        return pos - shift
 
     def encode_others(self, arguments: dict) -> None:
         """Once the images' encoder output is handed to the base forward (``mm_encoder_outputs``), encode

@@ -442,7 +442,7 @@ class Installation:
         mask = a["attention_mask"]
         if mask is None:
             mask = torch.ones_like(ids)
-        pos, shift = self.adapter.reduce_positions(a["position_ids"], rows, pad, ragged, compact)
+        pos, shift = self.adapter.reduce_positions(a, rows, pad, ragged, compact)
         for name in self.adapter.row_inputs:
             if a.get(name) is not None:
                 a[name] = ops.gather_tokens(a[name], rows).masked_fill(pad, 0)
@@ -531,7 +531,7 @@ class Installation:
             prompt = ops.gather_tokens(mask, v["rows"]) * v["valid"]
             a["attention_mask"] = torch.cat([prompt, mask[:, v["length"]:]], dim=1)
         if a["position_ids"] is not None and v["compact"]:
-            a["position_ids"] = a["position_ids"] - v["dropped"]
+            a["position_ids"] = self.adapter.shift_positions(a["position_ids"], v["dropped"])
 
     # -- the vision tower ----------------------------------------------------------------
     def _capture(self, layer: int):

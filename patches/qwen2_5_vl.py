@@ -11,7 +11,9 @@ positions (temporal, height, width) computed from the whole original prompt.
   with the rows. ``generate`` numbers decode steps from the original prompt (``text position +
   rope_deltas``), so they stay right; a decode step given no ``position_ids`` (a hand-written loop)
   is numbered here from the original prompt (cache length + the dropped rows + ``rope_deltas``),
-  where the model would count the shorter cache. ``compact`` is refused (see :meth:`check_plan`).
+  where the model would count the shorter cache. ``compact`` (vision stages only) re-indexes each
+  image's survivors as a smaller grid (:meth:`Qwen2_5_VLAdapter.compact_positions`); compact layer
+  stages are refused (:meth:`check_plan`).
 * **Tower signals.** A per-patch quantity read in the tower (a vision layer's keys, for ``merge``)
   is in window order, four patches per LLM token: it is averaged over each token's four patches
   and put back in raster order with the tower's own window index (``get_vision_window_index``),
@@ -68,11 +70,12 @@ class Qwen2_5_VLAdapter(Adapter):
         return self.model.config.vision_config.hidden_size
 
     def check_plan(self, plan: Plan) -> None:
-        compact = [s.where for s in plan.stages if s.positions == "compact"]
+        compact = [s.where for s in plan.stages if s.positions == "compact" and s.layer is not None]
         if compact:
             raise UnsupportedConfigurationError(
-                f"positions='compact' ({', '.join(compact)}) is not supported on {self.family}: its 3-D M-RoPE "
-                f"positions are kept for the survivors; pass positions='keep' (the default for this family)"
+                f"positions='compact' at layer stages ({', '.join(compact)}) is not supported on {self.family}: "
+                f"survivors of an in-LLM stage keep their 3-D M-RoPE positions; pass positions='keep' (the default "
+                f"for this family; a vision stage may compact)"
             )
         compute = getattr(self.base(), "compute_3d_position_ids", None)
         params = inspect.signature(compute).parameters if compute is not None else {}
@@ -131,11 +134,62 @@ class Qwen2_5_VLAdapter(Adapter):
             second_per_grid_ts=a.get("second_per_grid_ts"), mm_token_type_ids=a.get("mm_token_type_ids"),
         )
 
-    def reduce_positions(self, pos, rows, pad, ragged, compact):
+    def reduce_positions(self, a, rows, pad, ragged, compact):
+        pos = a["position_ids"]
         if pos is None or pos.dim() == 2:
-            return super().reduce_positions(pos, rows, pad, ragged, compact)
+            return super().reduce_positions(a, rows, pad, ragged, compact)
         # [3 or 4, B, T] (generate prepends the text positions): each row of positions gathered.
-        return torch.stack([ops.gather_tokens(p, rows) for p in pos]), None
+        pos = torch.stack([ops.gather_tokens(p, rows) for p in pos])
+        if not compact:
+            return pos, None
+        mask = a["attention_mask"]
+        valid = ~pad if mask is None else ops.gather_tokens(mask, rows).bool() & ~pad
+        image = ops.gather_tokens(a["input_ids"], rows) == self.image_token_id
+        return self.compact_positions(pos, image, valid)
+
+    @staticmethod
+    def compact_positions(pos: torch.Tensor, image: torch.Tensor, valid: torch.Tensor):
+        """3-D positions ``[..., 3, B, T]`` of the kept rows re-indexed as if each image were smaller: within
+        an image (a run of ``image`` rows), each axis (t, h, w) of the survivors is replaced by its rank among
+        the survivors' values on that axis, i.e. the grid rows and columns left with no survivor are removed
+        (pooling a grid 2x2 gives exactly the smaller grid); the image then spans ``max(rows, cols)``
+        positions, as the model's ``get_rope_index`` counts an image, and text rows follow contiguously.
+        Returns the positions and, per sample ``[B, 1]``, how much earlier the next position now is.
+
+        Example:
+            >>> pos = torch.tensor([0, 1, 1, 1, 1, 3])[None, None].repeat(3, 1, 1)  # text, a 2x2 image, text
+            >>> pos[1:, 0, 1:5] += torch.tensor([[0, 0, 1, 1], [0, 1, 0, 1]])  # its rows and columns
+            >>> kept = torch.tensor([0, 2, 5])  # text, the image's token (0, 1), text
+            >>> new, shift = Qwen2_5_VLAdapter.compact_positions(
+            ...     pos[:, :, kept], torch.tensor([[False, True, False]]), torch.ones(1, 3, dtype=torch.bool))
+            >>> new[:, 0].tolist(), shift.tolist()  # a 1x1 image now: the text after it moves back by one
+            ([[0, 1, 2], [0, 1, 2], [0, 1, 2]], [[1]])
+        """
+        out = pos.clone()
+        spatial = pos[-3:]
+        shifts = []
+        for b in range(pos.shape[1]):
+            idx = valid[b].nonzero()[:, 0]
+            flags, counts = torch.unique_consecutive(image[b, idx], return_counts=True)
+            cur, start = 0, 0
+            for flag, count in zip(flags.tolist(), counts.tolist()):
+                seg = idx[start: start + count]
+                start += count
+                if not flag:
+                    out[-3:, b, seg] = cur + torch.arange(count, device=pos.device)
+                    cur += count
+                    continue
+                ranks = torch.stack([torch.unique(axis, return_inverse=True)[1] for axis in spatial[:, b, seg]])
+                out[-3:, b, seg] = cur + ranks
+                cur += int(ranks[1:].max()) + 1
+            end = int(spatial[:, b, idx].max()) + 1 if idx.numel() else 0
+            shifts.append(end - cur)
+        return out, torch.tensor(shifts, device=pos.device)[:, None]
+
+    def shift_positions(self, pos, shift):
+        if pos.dim() == 3:  # the M-RoPE rows; generate's leading text row stays as generate numbers it
+            return torch.cat([pos[:-3], pos[-3:] - shift])
+        return pos - shift
 
     def decode_positions(self, a: dict, past: int, offset: int) -> None:
         if a["position_ids"] is not None or not offset:

@@ -17,6 +17,7 @@ MODULES = [
     "vtc.methods.aim",
     "vtc.methods.schedule", "vtc.methods.psigmoid", "vtc.eval.search", "vtc.eval.report", "vtc.eval.meter",
     "vtc.methods.hired", "vtc.patches.adapter", "vtc.patches.llava", "vtc.patches.llava_next", "vtc.patches.internvl",
+    "vtc.patches.qwen2_5_vl",
     "vtc.patches.decoder", "vtc.patches.tome", "vtc.testing", "vtc.api",
 ]
 

@@ -61,11 +61,97 @@ def test_survivors_keep_their_3d_positions_by_default(model):
     assert torch.equal(seen[0][:, 0], full[:, 0, rows.sort().values])
 
 
-def test_compact_positions_are_refused(model):
-    for method in ("random", "pdrop"):
+def test_compact_positions_at_layer_stages_are_refused(model):
+    for method in ("fastv", "pdrop"):
         with pytest.raises(UnsupportedConfigurationError, match="compact.*positions='keep'"):
-            vtc.apply(model, method, budget=0.5, positions="compact")
+            vtc.apply(model, method, budget=0.75, positions="compact")
         assert not vtc.is_applied(model)
+
+
+def _llm_calls(model):
+    seen = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append((k["inputs_embeds"], k["position_ids"], k["attention_mask"])), with_kwargs=True)
+    return seen, handle
+
+
+@pytest.mark.parametrize("method", ["random", "merge"])
+def test_compact_positions_remove_the_grid_rows_and_columns_left_empty(model, method):
+    # Expected from the kept grid indices alone: an image's survivors take the ranks of their grid rows
+    # and columns among the survivors', the image spans max(rows, cols), the text after follows on.
+    inputs = qwen_inputs(model, images=[[(8, 12), (12, 8)], [(8, 8), (8, 12)]], pad=[0, 3], seed=8)
+    seen, handle = _llm_calls(model)
+    try:
+        with vtc.compressed(model, method, budget=0.25, positions="compact"), torch.no_grad():
+            model(**inputs)
+            kept = vtc.stats(model).kept["vision"]
+    finally:
+        handle.remove()
+    pos, mask = seen[0][1], seen[0][2]
+    ids = inputs["input_ids"]
+    image_runs = [(b, r) for b, r in vtc.ops.runs(ids == model.config.image_token_id)]
+    grids = inputs["image_grid_thw"][:, 1:] // 2
+    shrank = False
+    for b in range(ids.shape[0]):
+        expected, cur = [], 0
+        real = inputs["attention_mask"][b].bool()
+        mine = [(g, r) for g, (s, r) in enumerate(image_runs) if s == b]
+        text = (~(ids[b] == model.config.image_token_id) & real).nonzero()[:, 0].tolist()
+        events = sorted([(i, None) for i in text] + [(int(r[0]), g) for g, r in mine])
+        for _, g in events:
+            if g is None:
+                expected.append([cur] * 3)
+                cur += 1
+                continue
+            k = kept[g].sort().values
+            rows, cols = k // grids[g, 1], k % grids[g, 1]
+            rr, cc = torch.unique(rows, return_inverse=True)[1], torch.unique(cols, return_inverse=True)[1]
+            expected += [[cur, cur + int(r), cur + int(c)] for r, c in zip(rr, cc)]
+            cur += max(int(rr.max()), int(cc.max())) + 1
+            shrank |= max(int(rr.max()), int(cc.max())) + 1 < int(grids[g].max())
+        valid = mask[b].bool()
+        assert pos[-3:, b, valid].T.tolist() == expected
+    assert shrank
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["generate", "forward-loop"])
+def test_compact_decoding_continues_after_the_compacted_prompt(model, loop):
+    # Cached decoding equals the unpatched language model run on the reduced prompt with its compacted
+    # positions and the new tokens right after them (per sample: the samples drop differently).
+    if loop:
+        inputs = qwen_inputs(model, images=[[(12, 8)]], seed=4)
+    else:
+        inputs = qwen_inputs(model, images=[[(8, 12)], [(12, 8)]], pad=[2, 0], seed=4)
+    seen, handle = _llm_calls(model)
+    try:
+        with vtc.compressed(model, "random", budget=0.25, seed=1, positions="compact"), torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=0)
+            tokens, logits = out.sequences[:, inputs["input_ids"].shape[1]:], list(out.logits)
+            if loop:  # no position_ids, no mask: the adapter numbers the steps
+                first = model(**{k: v for k, v in inputs.items() if k != "attention_mask"}, use_cache=True)
+                logits, cache = [first.logits[:, -1]], first.cache
+                for t in range(2):
+                    step = model(input_ids=tokens[:, t: t + 1], cache=cache, use_cache=True)
+                    logits.append(step.logits[:, -1])
+                    cache = step.cache
+    finally:
+        handle.remove()
+    embeds, pos, mask = seen[0]
+    spatial = pos[-3:]
+    end = spatial.amax(dim=(0, 2)) + 1
+    full_end = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                          image_grid_thw=inputs["image_grid_thw"],
+                                          attention_mask=inputs["attention_mask"])[0].amax(dim=(0, 2)) + 1
+    assert bool((end < full_end).all())
+    lm = model.model.language_model
+    with torch.no_grad():
+        for t in range(3):
+            e = torch.cat([embeds, lm.embed_tokens(tokens[:, :t])], dim=1)
+            p = torch.cat([spatial, (end[:, None] + torch.arange(t))[None].expand(3, -1, -1)], dim=2)
+            m = torch.cat([mask, torch.ones_like(tokens[:, :t])], dim=1)
+            h = lm(inputs_embeds=e, position_ids=p, attention_mask=m).last_hidden_state
+            torch.testing.assert_close(logits[t], model.lm_head(h)[:, -1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["vtc_cls", "visionzip", "hired", "pool", "tome"])
@@ -128,3 +214,19 @@ def test_cli_plans_on_the_qwen_shape(capsys):
     out = capsys.readouterr().out
     assert "1024 visual tokens per image, 28 layers" in out and "keep" in out
     assert main(["plan", "--model", "qwen2.5-vl-shape", "--method", "vtc_cls"]) == 2
+
+
+@pytest.mark.parametrize("method", ["random", "merge", "random+pdrop"])
+def test_compact_batch_of_different_images_equals_single_samples(model, method):
+    from vtc.testing import split_inputs
+
+    from .conftest import greedy
+
+    batch = qwen_inputs(model, images=[[(8, 12)], [(8, 8), (12, 8)]], pad=[3, 0], seed=9)
+    params = {"random.positions": "compact", "pdrop.positions": "keep"} if "+" in method else {"positions": "compact"}
+    with vtc.compressed(model, method, budget=0.3, **params):
+        tokens, logits = greedy(model, batch)
+        for b, alone in enumerate(split_inputs(model, batch)):
+            tokens_b, logits_b = greedy(model, alone)
+            assert torch.equal(tokens_b[0], tokens[b])
+            torch.testing.assert_close(logits_b[0], logits[b], atol=1e-5, rtol=1e-5)

@@ -88,6 +88,10 @@ class Adapter:
                 pos = pos - (rows - rank)
         return pos, None
 
+    def last_row(self, pos: torch.Tensor) -> int:
+        """The original row index of the last token, from a step's ``position_ids`` (when no mask tells)."""
+        return int(pos.reshape(-1, pos.shape[-1])[:, -1].max())
+
     def shift_positions(self, pos: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """A decode step's ``position_ids`` moved back by ``shift`` ``[B, 1]`` (compacted prompt positions)."""
         return pos - shift

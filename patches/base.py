@@ -497,7 +497,7 @@ class Installation:
             if mask is not None and mask.dim() == 2:
                 fresh = mask.shape[1] - past - offset
             elif pos is not None and mask is None:  # no padding: the last position is the last column
-                fresh = int(pos.reshape(-1, pos.shape[-1])[:, -1].max()) + 1 - past - offset
+                fresh = self.adapter.last_row(pos) + 1 - past - offset
             else:
                 fresh = ids.shape[1]
             if 0 < fresh < ids.shape[1]:

@@ -186,6 +186,16 @@ class Qwen2_5_VLAdapter(Adapter):
             shifts.append(end - cur)
         return out, torch.tensor(shifts, device=pos.device)[:, None]
 
+    def last_row(self, pos):
+        if pos.dim() == 3 and pos.shape[0] == 4:  # generate's leading row: the text positions
+            return int(pos[0, :, -1].max())
+        # An M-RoPE row (the last token is text: every row equal) is the row index + rope_deltas.
+        last = (pos[0] if pos.dim() == 3 else pos)[:, -1:]
+        deltas = self.base().rope_deltas
+        if deltas is not None:
+            last = last - deltas.repeat_interleave(max(1, last.shape[0] // deltas.shape[0]), dim=0).to(last.device)
+        return int(last.max())
+
     def shift_positions(self, pos, shift):
         if pos.dim() == 3:  # the M-RoPE rows; generate's leading text row stays as generate numbers it
             return torch.cat([pos[:-3], pos[-3:] - shift])

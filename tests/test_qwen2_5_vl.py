@@ -230,3 +230,40 @@ def test_compact_batch_of_different_images_equals_single_samples(model, method):
             tokens_b, logits_b = greedy(model, alone)
             assert torch.equal(tokens_b[0], tokens[b])
             torch.testing.assert_close(logits_b[0], logits[b], atol=1e-5, rtol=1e-5)
+
+
+def _generate(model, **kw):
+    out = model.generate(**kw, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=0)
+    return out, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("params", [{"budget": 0.3, "seed": 1}, {"budget": 0.3, "seed": 1, "positions": "compact"}],
+                         ids=["keep", "compact"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_chat_over_pruned_cache_equals_fresh_run(model, params, batch):
+    # Turn 2 over turn 1's cache (the new ids only by their mask, as a user continues a chat) equals a fresh
+    # run of the whole conversation with its image reduced the same way.
+    inputs = qwen_inputs(model, images=[[(8, 12)], [(12, 8)]][:batch], pad=[0, 2][:batch], seed=11)
+    with vtc.compressed(model, "random", **params):
+        first, _ = _generate(model, **inputs)
+        turn2 = torch.randint(3, 100, (batch, 5), generator=torch.Generator().manual_seed(1))
+        conv = torch.cat([first.sequences, turn2], dim=1)
+        extra = conv.shape[1] - inputs["input_ids"].shape[1]
+        mask = torch.cat([inputs["attention_mask"], torch.ones(batch, extra, dtype=torch.long)], dim=1)
+        continued, logits = _generate(model, input_ids=conv, attention_mask=mask, cache=first.cache)
+        types = torch.cat([inputs["mm_token_type_ids"], torch.zeros(batch, extra, dtype=torch.long)], dim=1)
+        fresh, fresh_logits = _generate(model, input_ids=conv, attention_mask=mask, mm_token_type_ids=types,
+                                        pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    torch.testing.assert_close(logits, fresh_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(continued.sequences, fresh.sequences)
+
+
+@pytest.mark.parametrize("method", ["random", "fastv"])
+def test_beam_search_and_several_returns(model, method):
+    inputs = qwen_inputs(model, images=[[(8, 12)], [(8, 8)]], pad=[0, 2], seed=5)
+    with vtc.compressed(model, method, budget=0.75):
+        out = model.generate(**inputs, max_new_tokens=3, num_beams=3, num_return_sequences=2, do_sample=False,
+                             pad_token_id=0)
+        assert vtc.stats(model).equivalent_tokens < vtc.stats(model).image_tokens
+    assert out.shape == (4, inputs["input_ids"].shape[1] + 3)

@@ -65,6 +65,11 @@ class Adapter:
         """The attention keys (before any RoPE) of a vision attention module for its input ``hidden``."""
         return module.k_proj(hidden)
 
+    def received_attention(self, module: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The attention each tower token receives, averaged over queries and heads, computed from a vision
+        attention module's input (``hidden`` and its keyword arguments), one value per tower token."""
+        raise NotImplementedError(f"{self.family} has no received-attention signal")
+
     def check_plan(self, plan) -> None:
         """Refuse, with :class:`~vtc.errors.UnsupportedConfigurationError`, a plan this family cannot run."""
 

@@ -95,6 +95,10 @@ class Installation:
         self.cls_sets = sorted({t.layers for s in self.vision_stages for t in (s.scorer, s.metric)
                                 if t is not None and t.kind == "cls_attention"})
         self.cls_layers = sorted({i for layers in self.cls_sets for i in layers})
+        # Each set of vision layers whose attention received per patch a stage reads (towers without [CLS]).
+        self.recv_sets = sorted({t.layers for s in self.vision_stages for t in (s.scorer, s.metric)
+                                 if t is not None and t.kind == "received_attention"})
+        self.recv_layers = sorted({i for layers in self.recv_sets for i in layers})
         self.key_layers = sorted({s.metric.layers[0] for s in self.vision_stages
                                   if s.metric is not None and s.metric.kind == "keys"})
         self.mean_key_layers = sorted({s.metric.layers[0] for s in self.vision_stages
@@ -107,7 +111,7 @@ class Installation:
                     f"a {s.reducer} stage that merges before the projector cannot follow a stage that merges or "
                     f"pools: put it first among the vision stages"
                 )
-        self.needs_tower = bool(self.cls_layers or self.key_layers or self.mean_key_layers)
+        self.needs_tower = bool(self.cls_layers or self.recv_layers or self.key_layers or self.mean_key_layers)
 
     # -- install / remove --------------------------------------------------------------
     def install(self) -> None:
@@ -119,7 +123,7 @@ class Installation:
             self._handles.append(self.model.register_forward_hook(self._loss, with_kwargs=True))
             if self.needs_tower or self.needs_hidden or self.adapter.has_layout:
                 self._wrap(self.base, "get_image_features", self._features_wrapper)
-                for layer in sorted({*self.cls_layers, *self.key_layers, *self.mean_key_layers}):
+                for layer in sorted({*self.cls_layers, *self.recv_layers, *self.key_layers, *self.mean_key_layers}):
                     module = self.adapter.vision_attention(layer)
                     self._handles.append(module.register_forward_pre_hook(self._capture(layer), with_kwargs=True))
             if self.tower is not None:
@@ -464,6 +468,8 @@ class Installation:
             scores = ops.gather_tokens(scores, torch.stack([im.index for im in images]))
         elif stage.scorer.kind == "cls_attention":
             scores = torch.stack([im.signals[f"cls{stage.scorer.layers}"][im.index] for im in images])
+        elif stage.scorer.kind == "received_attention":
+            scores = torch.stack([im.signals[f"recv{stage.scorer.layers}"][im.index] for im in images])
         elif stage.scorer.kind not in ("none",):
             raise VtcError(f"scorer {stage.scorer.kind!r} cannot run at a vision stage")
         if stage.metric is not None and stage.metric.kind in ("keys", "mean_keys"):
@@ -539,6 +545,8 @@ class Installation:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             if layer in self.cls_layers:
                 self._captured[layer] = ops.cls_attention(module, hidden)
+            if layer in self.recv_layers:
+                self._captured[f"recv{layer}"] = self.adapter.received_attention(module, hidden, kwargs)
             if layer in self.key_layers or layer in self.mean_key_layers:
                 keys = self.adapter.vision_keys(module, hidden)
                 if layer in self.key_layers:
@@ -564,6 +572,10 @@ class Installation:
                     # A score is the [CLS] row averaged over the vision layers it reads.
                     row = torch.stack([self._captured[i] for i in layers]).mean(dim=0)
                     signals[f"cls{layers}"] = self.adapter.patch_tokens(row, arguments)
+            for layers in self.recv_sets:
+                if all(f"recv{i}" in self._captured for i in layers):
+                    row = torch.stack([self._captured[f"recv{i}"] for i in layers]).mean(dim=0)
+                    signals[f"recv{layers}"] = self.adapter.patch_tokens(row, arguments)
             for name in [f"keys{i}" for i in self.key_layers] + [f"mean_keys{i}" for i in self.mean_key_layers]:
                 if name in self._captured:
                     signals[name] = self.adapter.patch_tokens(self._captured[name], arguments)

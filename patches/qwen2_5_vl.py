@@ -18,6 +18,9 @@ positions (temporal, height, width) computed from the whole original prompt.
   is in window order, four patches per LLM token: it is averaged over each token's four patches
   and put back in raster order with the tower's own window index (``get_vision_window_index``),
   as the tower itself does with its merger's output.
+* **No [CLS] token.** ``visionzip`` ranks dominant patches by the attention each receives, averaged
+  over heads and over the queries of its image, at the tower's last full-attention block
+  (:meth:`Qwen2_5_VLAdapter.received_attention`), mapped like the keys above.
 * **Video** (``pixel_values_videos``) passes through unreduced: its tokens are treated as text.
 """
 
@@ -63,6 +66,9 @@ class Qwen2_5_VLAdapter(Adapter):
             vision_feature_layer=depth - 1,
             has_cls=False,
             tiled=True,  # images of different sizes, not one square grid
+            # The last full-attention block: every patch attends to its whole image there.
+            received_layer=max((i for i in self.model.config.vision_config.fullatt_block_indexes if i < depth),
+                               default=None),
             **self.text_sizes(),
         )
 
@@ -98,6 +104,26 @@ class Qwen2_5_VLAdapter(Adapter):
             mm["video"] = self.base().get_video_features(arguments["pixel_values_videos"],
                                                          arguments.get("video_grid_thw"), return_dict=True)
         arguments["pixel_values_videos"] = None
+
+    def received_attention(self, module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Per tower patch (window order), the attention it receives in ``module``, averaged over heads and
+        over the queries of its attention span (``cu_seqlens``: its image at a full-attention block), from
+        the module's own ``qkv``, vision RoPE and scaling; queries in blocks to bound memory."""
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+        n = hidden.shape[0]
+        q, k, _ = module.qkv(hidden).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = kwargs["position_embeddings"]
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        bounds = kwargs["cu_seqlens"].tolist()
+        out = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            qs, ks = q[start:end].transpose(0, 1).float(), k[start:end].transpose(0, 1).float()  # [H, m, d]
+            for s in range(0, end - start, 1024):
+                probs = torch.softmax(qs[:, s: s + 1024] @ ks.transpose(1, 2) * module.scaling, dim=-1)
+                out[start:end] += probs.sum(dim=(0, 1))
+            out[start:end] /= module.num_heads * (end - start)
+        return out
 
     def vision_keys(self, module, hidden: torch.Tensor) -> torch.Tensor:
         # One fused projection: [q | k | v].

@@ -63,7 +63,7 @@ def applies(backend: tuple, case: str) -> bool:
     untiled = ("pool", "tome")
     if family in NO_CLS:
         # Qwen2.5-VL keeps 3-D positions and refuses compact ones (tests/test_qwen2_5_vl.py).
-        cls = {"vtc_cls", "visionzip", "hired"}
+        cls = {"vtc_cls", "hired"}  # visionzip scores by the attention patches receive there
         return not (set(names) & (cls | set(untiled))) and METHODS[case][1].get("positions") != "compact"
     return not (set(names) & set(untiled) and family in TILED) and not ("hired" in names and family != "llava_next")
 

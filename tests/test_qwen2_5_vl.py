@@ -154,7 +154,7 @@ def test_compact_decoding_continues_after_the_compacted_prompt(model, loop):
             torch.testing.assert_close(logits[t], model.lm_head(h)[:, -1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["vtc_cls", "visionzip", "hired", "pool", "tome"])
+@pytest.mark.parametrize("method", ["vtc_cls", "hired", "pool", "tome"])
 def test_methods_the_tower_cannot_serve_are_refused(model, method):
     with pytest.raises(MethodNotApplicableError, match="use "):
         vtc.plan(model, method, budget=0.5)
@@ -267,3 +267,38 @@ def test_beam_search_and_several_returns(model, method):
                              pad_token_id=0)
         assert vtc.stats(model).equivalent_tokens < vtc.stats(model).image_tokens
     assert out.shape == (4, inputs["input_ids"].shape[1] + 3)
+
+
+def test_received_attention_equals_the_towers_eager_attention(model):
+    # The signal visionzip ranks dominant patches by: per merged token, the attention its four patches
+    # receive at the last full-attention block, averaged over heads and over the queries of the image;
+    # checked against the probabilities transformers' eager attention computes from the same inputs.
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision, eager_attention_forward
+
+    inputs = qwen_inputs(model, images=[[(8, 12), (12, 8)]], seed=2)
+    layer = get_adapter(model).info().received_layer
+    assert layer == model.config.vision_config.depth - 1
+    module = model.model.visual.blocks[layer].attn
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, a, k: seen.append((a[0], k)), with_kwargs=True)
+    try:
+        with vtc.compressed(model, "visionzip", budget=0.5), torch.no_grad():
+            out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            signals = out.vtc_signals
+    finally:
+        handle.remove()
+    hidden, kwargs = seen[0]
+    n = hidden.shape[0]
+    q, k, v = module.qkv(hidden).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *kwargs["position_embeddings"])
+    bounds = kwargs["cu_seqlens"].tolist()
+    received = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        _, probs = eager_attention_forward(module, *(t[a:b].transpose(0, 1)[None] for t in (q, k, v)),
+                                           attention_mask=None, scaling=module.scaling)
+        received.append(probs[0].mean(dim=(0, 1)))
+    expected = get_adapter(model).patch_tokens(torch.cat(received), {"image_grid_thw": inputs["image_grid_thw"]})
+    got = [sig[f"recv{(layer,)}"] for _, sig in signals["entries"]]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e.float(), atol=1e-6, rtol=1e-5)
+    assert vtc.plan(model, "visionzip", budget=0.5).stages[0].scorer.kind == "received_attention"

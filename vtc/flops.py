@@ -70,6 +70,10 @@ def scoring_flops(info: ModelInfo, plan: Plan, text: int, images: int | list[int
             total += n * n * hc + 5 * n * n * info.num_heads + (2 * n * d * (hc + gc) if projected else 0)
         elif s.scorer.kind == "cls_attention":
             total += len(s.scorer.layers) * sum(2 * (n + 1) * vision_hidden**2 for n in sizes)
+        elif s.scorer.kind == "received_attention":
+            # q and k of every patch (four per token behind a 2x2 merger) and the full q k^T of its image.
+            total += len(s.scorer.layers) * sum(4 * (4 * n) * vision_hidden**2 + 2 * (4 * n) ** 2 * vision_hidden
+                                                for n in sizes)
     return total
 
 

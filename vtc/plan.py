@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-SCORERS = ("cls_attention", "query_attention", "pagerank", "random", "keys", "mean_keys", "none")
+SCORERS = ("cls_attention", "received_attention", "query_attention", "pagerank", "random", "keys", "mean_keys",
+           "none")
 REDUCERS = ("topk", "merge", "pool", "dominant+context", "hired", "tome")
 POSITIONS = ("keep", "compact")
 
@@ -42,6 +43,9 @@ class ModelInfo:
     tiled: bool = False
     # The adapter knows which part of the image each tile shows (LLaVA-NeXT; HiRED needs it).
     tile_regions: bool = False
+    # A tower without [CLS] (Qwen2.5-VL): the vision layer whose attention received per patch (averaged
+    # over queries and heads) the adapter can read as a score (``received_attention``), or None.
+    received_layer: int | None = None
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,8 @@ class Scorer:
             raise ValueError(f"unknown scorer {self.kind!r}; known: {', '.join(SCORERS)}")
 
     def __str__(self) -> str:
-        if self.kind == "cls_attention":
-            return f"cls_attention@vision{list(self.layers)}"
+        if self.kind in ("cls_attention", "received_attention"):
+            return f"{self.kind}@vision{list(self.layers)}"
         if self.kind in ("query_attention", "pagerank"):
             return f"{self.kind}@L{self.layers[0]}"
         if self.kind in ("keys", "mean_keys"):

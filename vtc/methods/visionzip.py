@@ -28,7 +28,10 @@ class VisionZip(PreLLMTopK):
     Tiled families (LLaVA-NeXT, InternVL), whose packed or pixel-shuffled features have no
     single [CLS] token and no per-token projector input, merge the projected features by the
     same rule without [CLS] (``dominant`` patches); on LLaVA-NeXT the row ends are kept and
-    the tokens stay in grid order. See docs/fidelity.md.
+    the tokens stay in grid order. Qwen2.5-VL's tower has no [CLS] token: its dominant tokens are
+    the ones receiving the most attention, averaged over queries and heads, at the tower's last
+    full-attention block (as VisionZip's and VisPruner's Qwen ports score); see docs/architecture.md.
+    See docs/fidelity.md.
 
     Example:
         >>> from vtc.plan import ModelInfo
@@ -43,7 +46,7 @@ class VisionZip(PreLLMTopK):
     positions: str = "compact"
 
     def compile(self, info: ModelInfo, budget=None) -> Plan:
-        if not info.has_cls:
+        if not info.has_cls and info.received_layer is None:
             raise MethodNotApplicableError(
                 f"visionzip needs a vision [CLS] token, which this {info.family} model lacks; use merge"
             )
@@ -54,7 +57,9 @@ class VisionZip(PreLLMTopK):
             raise VtcError(f"visionzip dominant={self.dominant!r}: use a count in [1, {keep}] or a fraction")
         official = not info.tiled  # [CLS] kept and merging before the projector
         f = info.vision_feature_layer
-        stage = Stage("vision", Scorer("cls_attention", (f,)), keep, reducer="dominant+context",
+        # Without [CLS] (Qwen2.5-VL): dominant by the attention each patch receives, averaged over queries.
+        scorer = Scorer("cls_attention", (f,)) if info.has_cls else Scorer("received_attention", (info.received_layer,))
+        stage = Stage("vision", scorer, keep, reducer="dominant+context",
                       positions=self.positions, metric=Scorer("mean_keys", (f,)),
                       options=(("dominant", dominant), ("cls", int(official)), ("pre", int(official))))
         return self._plan(info, (stage,), budget)

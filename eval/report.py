@@ -170,21 +170,23 @@ def plot(rows: list[dict], out: Path) -> None:
     methods = sorted({r["config"]["method"] for r in rows if r["config"]["method"]})
     for name, xkey, xlabel in [("accuracy_vs_budget", "equivalent_tokens", "equivalent visual tokens per image"),
                                ("accuracy_vs_flops", "flops", "prefill GFLOPs per sequence (analytic)")]:
-        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks) + 2, 4.2), squeeze=False)
         for ax, task in zip(axes[0], tasks):
-            for method in methods:
+            for i, method in enumerate(methods):
                 pts = sorted((r["costs"][xkey], r["metrics"][task][main_metric(r["metrics"][task])])
                              for r in rows if r["config"]["method"] == method and task in r["metrics"])
                 if pts:
                     xs = [p[0] / (1e9 if xkey == "flops" else 1) for p in pts]
-                    ax.plot(xs, [p[1] for p in pts], marker="o", label=method)
+                    # A color and a marker per method, so a dozen lines stay apart.
+                    ax.plot(xs, [p[1] for p in pts], marker="osD^vPX*"[i % 8], color=plt.cm.tab20(i % 20),
+                            label=method)
             if full and task in full["metrics"]:
                 m = full["metrics"][task]
                 ax.axhline(m[main_metric(m)], color="black", linestyle="--", label="full model")
             metric = main_metric(rows[0]["metrics"][task]) if task in rows[0]["metrics"] else "score"
             ax.set(title=task, xlabel=xlabel, ylabel=metric)
             ax.grid(alpha=0.3)
-            ax.legend()
+            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         model = rows[-1]["config"]["model"]
         fig.suptitle(f"{model}: {name.replace('_', ' ')}", fontsize=10)
         fig.tight_layout()

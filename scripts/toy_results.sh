@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Reproduce docs/results.md on the bundled toy model (CPU, offline): the method sweep (with
-# each method's own position rule, then with original positions kept), the searched
-# schedules, and their check on the held-out questions. Every step resumes.
+# Reproduce docs/results.md on the bundled toy model (CPU, offline): the method sweep (each
+# method's own position rule), the position ablations (original positions kept; the toy model
+# v1 trained without removal), the searched schedules and their check on the held-out
+# questions. Every step resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VTC=${VTC:-.venv/bin/vtc}
@@ -9,12 +10,24 @@ OUT=${OUT:-runs/results-toy}
 # Literature budgets 576/192/128/64 of LLaVA-1.5's 576 tokens, as fractions of the toy's 144.
 BUDGETS=1.0,0.3333333,0.2222222,0.1111111
 
-$VTC sweep --methods aim,fastv,pdrop,pool,psigmoid,random,tome,visionzip,vtc_cls,vtc_cls+pdrop \
+# Each method with its own position rule: what a user gets (the README's main job).
+$VTC sweep --methods aim,fastv,merge,pdrop,pool,psigmoid,random,tome,visionzip,vtc_cls,vtc_cls+pdrop \
   --budgets "$BUDGETS" --out "$OUT"
 
-# The same with survivors keeping their original positions (see docs/results.md for why).
-$VTC sweep --methods fastv,pdrop,pool,psigmoid,random,tome,visionzip,vtc_cls,vtc_cls+pdrop \
-  --budgets 0.3333333,0.2222222,0.1111111 --param positions=keep --out "$OUT-keep"
+# Ablation: survivors keep their original positions.
+ABLATE=merge,pdrop,pool,random,tome,visionzip,vtc_cls,vtc_cls+pdrop
+$VTC sweep --methods "$ABLATE" --budgets 0.3333333,0.2222222,0.1111111 --param positions=keep --out "$OUT-keep"
+
+# Ablation: the toy model v1 (trained with tokens hidden by the mask, never removed), shipped
+# until commit 2d96370's successor; both position rules.
+V1=runs/toy-v1
+if [ ! -f "$V1/eval/toy/model/model.safetensors" ]; then
+  mkdir -p "$V1" && git archive 2d96370 eval/toy/model | tar -x -C "$V1"
+fi
+V1_ABLATE=pool,random,tome,visionzip,vtc_cls
+$VTC sweep --model "$V1/eval/toy/model" --methods "$V1_ABLATE" --budgets 0.3333333,0.2222222,0.1111111 --out "$OUT-v1"
+$VTC sweep --model "$V1/eval/toy/model" --methods "$V1_ABLATE" --budgets 0.3333333,0.2222222,0.1111111 \
+  --param positions=keep --out "$OUT-v1-keep"
 
 mkdir -p runs/search
 # Calibration: questions of seed 2718 (neither training's nor the evaluation's).

@@ -63,6 +63,9 @@ def reduce_vision(
     if stage.reducer == "topk":
         keep = ops.topk_keep(scores, stage.keep)
         return ops.gather_tokens(feats, keep), keep
+    if stage.reducer == "divprune":
+        keep = ops.divprune_select(feats, stage.keep)
+        return ops.gather_tokens(feats, keep), keep
     if stage.reducer == "pool":
         return ops.pool_grid(feats, stage.keep)
     if stage.reducer == "merge":

@@ -4,7 +4,7 @@ Nothing here knows a model family: selection (:func:`topk_keep`, :func:`gather_t
 attention scores from a module's own projections (:func:`query_attention`,
 :func:`cls_attention`), merging (:func:`bipartite_soft_matching`, :func:`merge_to`,
 :func:`dominant_and_context`; :func:`tome_matching` inside a ViT block) and pooling
-(:func:`pool_grid`).
+(:func:`pool_grid`); diversity (:func:`divprune_select`).
 
 Example:
     >>> import torch
@@ -15,6 +15,7 @@ Example:
 """
 
 from .attention import apply_rope, attention_pagerank, cls_attention, query_attention, rotate_half
+from .diversity import divprune_select
 from .merge import bipartite_soft_matching, merge_weighted, tome_matching
 from .reduce import dominant_and_context, hired_official, hired_select, merge_to, pool_grid, share
 from .select import gather_tokens, left_pad, runs, topk_keep
@@ -24,6 +25,7 @@ __all__ = [
     "attention_pagerank",
     "bipartite_soft_matching",
     "cls_attention",
+    "divprune_select",
     "dominant_and_context",
     "gather_tokens",
     "hired_official",

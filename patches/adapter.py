@@ -101,6 +101,13 @@ class Adapter:
         """A decode step's ``position_ids`` moved back by ``shift`` ``[B, 1]`` (compacted prompt positions)."""
         return pos - shift
 
+    # The placeholder of a second visual modality reduced like images (Qwen's video), else None.
+    video_token_id: int | None = None
+
+    def encode_videos(self, arguments: dict) -> Any:
+        """The video encoder's output (one ``pooler_output`` entry per video), for a prompt with video rows."""
+        raise NotImplementedError
+
     def encode_others(self, arguments: dict) -> None:
         """Once the images' encoder output is handed to the base forward (``mm_encoder_outputs``), encode
         the other modalities still given as pixels (Qwen's video) into it too: the forward refuses both."""

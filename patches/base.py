@@ -123,6 +123,8 @@ class Installation:
             self._handles.append(self.model.register_forward_hook(self._loss, with_kwargs=True))
             if self.needs_tower or self.needs_hidden or self.adapter.has_layout:
                 self._wrap(self.base, "get_image_features", self._features_wrapper)
+                if self.adapter.video_token_id is not None:  # a video's tower signals, read the same way
+                    self._wrap(self.base, "get_video_features", self._features_wrapper)
                 for layer in sorted({*self.cls_layers, *self.recv_layers, *self.key_layers, *self.mean_key_layers}):
                     module = self.adapter.vision_attention(layer)
                     self._handles.append(module.register_forward_pre_hook(self._capture(layer), with_kwargs=True))
@@ -264,18 +266,34 @@ class Installation:
             if has_images:
                 raise VtcError("vtc locates image tokens by input_ids: pass input_ids, not inputs_embeds")
             return
-        image_mask = ids == self.adapter.image_token_id
-        if not has_images or not bool(image_mask.any()):
+        image_mask = (ids == self.adapter.image_token_id) & has_images
+        # A video (adapters with video_token_id) is reduced like an image: one entry, all its frames jointly.
+        video = self.adapter.video_token_id
+        has_videos = video is not None and (a.get("pixel_values_videos") is not None
+                                            or (a["mm_encoder_outputs"] or {}).get("video") is not None)
+        video_mask = (ids == video) & has_videos if video is not None else torch.zeros_like(image_mask)
+        if not bool(image_mask.any()) and not bool(video_mask.any()):
             self.last_stats = make_stats(self.info, self.active_plan, ids.shape[1], 0)
             return
-        self._prefill(a, ids, image_mask)
+        self._prefill(a, ids, image_mask, video_mask)
 
-    def _prefill(self, a: dict, ids: torch.Tensor, image_mask: torch.Tensor) -> None:
+    def _prefill(self, a: dict, ids: torch.Tensor, image_mask: torch.Tensor, video_mask: torch.Tensor) -> None:
         mm = dict(a["mm_encoder_outputs"] or {})
         out = mm.get("image")
-        if out is None:
+        if out is None and bool(image_mask.any()):
             out = self.adapter.encode_images(a)
-        images = self._images(out, image_mask)
+        images = self._images(out, image_mask) if out is not None else []
+        vout, n_images = None, len(images)
+        if bool(video_mask.any()):
+            if self.tower is not None:
+                raise UnsupportedConfigurationError(
+                    f"{self.plan.method} merges inside the vision tower and cannot reduce video: pass images only, "
+                    f"or a method that reduces after the tower")
+            vout = mm.get("video")
+            if vout is None:
+                vout = self.adapter.encode_videos(a)
+            images += self._images(vout, video_mask)
+        image_mask = image_mask | video_mask
         bsz, total = ids.shape
         # Rows after the prompt of the running generate: assisted decoding's draft tokens, verified
         # in this same forward. They are text (kept); scoring and decode steps leave them out.
@@ -295,8 +313,12 @@ class Installation:
             ragged = bool(pad.any())  # samples shortened unequally
             self.adapter.prefill_positions(a)
             shift = self._reduce_inputs(a, rows, pad, ragged, compact)
-            out = copy.copy(out)
-            out.pooler_output = self.adapter.pooler_output([im.feats for im in images])
+            if out is not None:
+                out = copy.copy(out)
+                out.pooler_output = self.adapter.pooler_output([im.feats for im in images[:n_images]])
+            if vout is not None:
+                vout = copy.copy(vout)
+                vout.pooler_output = self.adapter.pooler_output([im.feats for im in images[n_images:]])
             real = (~pad).sum(dim=1, keepdim=True)
             width = rows.shape[1] - drafts  # the drafts are the last columns of every sample
             self._vision = {"rows": rows[:, :width], "valid": ~pad[:, :width], "ragged": ragged,
@@ -304,6 +326,8 @@ class Installation:
                             "compact": compact}
         # Hand over the features computed here, so the original forward does not encode again.
         mm["image"] = out
+        if vout is not None:
+            mm["video"], a["pixel_values_videos"] = vout, None
         a["mm_encoder_outputs"], a["pixel_values"] = mm, None
         self.adapter.encode_others(a)  # the model takes encoder outputs or pixels, not both
         if self.layer_stages.stages:

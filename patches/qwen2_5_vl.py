@@ -21,7 +21,14 @@ positions (temporal, height, width) computed from the whole original prompt.
 * **No [CLS] token.** ``visionzip`` ranks dominant patches by the attention each receives, averaged
   over heads and over the queries of its image, at the tower's last full-attention block
   (:meth:`Qwen2_5_VLAdapter.received_attention`), mapped like the keys above.
-* **Video** (``pixel_values_videos``) passes through unreduced: its tokens are treated as text.
+* **Video** (``pixel_values_videos``, ``video_grid_thw``) is reduced like an image: each video is one
+  entry of ``t/2 * h * w / 4`` tokens (its temporal groups in order) whose frames are reduced *jointly*
+  (one top-k or merge over all of the video's tokens, not per frame), with the budget per video: the
+  plan's fraction of its tokens (:meth:`~vtc.plan.Plan.keeps_for`), so equivalent tokens per frame-set.
+  In-LLM stages rank video rows with image rows. Survivors keep their 3-D (t, h, w) positions;
+  ``compact`` positions are refused for a prompt with video. Tower signals (``merge``'s keys,
+  ``visionzip``'s received attention, per frame at a full-attention block) are read from
+  ``get_video_features`` as from ``get_image_features``.
 """
 
 from __future__ import annotations
@@ -98,6 +105,14 @@ class Qwen2_5_VLAdapter(Adapter):
         return self.base().get_image_features(arguments["pixel_values"], arguments["image_grid_thw"],
                                               **{**arguments.get("kwargs", {}), "return_dict": True})
 
+    @property
+    def video_token_id(self) -> int:
+        return self.model.config.video_token_id
+
+    def encode_videos(self, arguments: dict):
+        return self.base().get_video_features(arguments["pixel_values_videos"], arguments.get("video_grid_thw"),
+                                              return_dict=True)
+
     def encode_others(self, arguments: dict) -> None:
         mm = arguments["mm_encoder_outputs"]
         if arguments.get("pixel_values_videos") is not None and mm.get("video") is None:
@@ -132,7 +147,7 @@ class Qwen2_5_VLAdapter(Adapter):
     def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
         from transformers.vision_utils import get_vision_window_index
 
-        grid = arguments["image_grid_thw"]
+        grid = arguments["image_grid_thw"] if "image_grid_thw" in arguments else arguments["video_grid_thw"]
         visual = self.base().visual
         window_index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
                                                   window_size=visual.window_size, patch_size=visual.patch_size)
@@ -168,6 +183,10 @@ class Qwen2_5_VLAdapter(Adapter):
         pos = torch.stack([ops.gather_tokens(p, rows) for p in pos])
         if not compact:
             return pos, None
+        if a.get("video_grid_thw") is not None and bool((a["input_ids"] == self.video_token_id).any()):
+            raise UnsupportedConfigurationError(
+                f"positions='compact' is not supported with video on {self.family}: a video's survivors keep their "
+                f"3-D (t, h, w) positions; pass positions='keep' (the default for this family)")
         mask = a["attention_mask"]
         valid = ~pad if mask is None else ops.gather_tokens(mask, rows).bool() & ~pad
         image = ops.gather_tokens(a["input_ids"], rows) == self.image_token_id

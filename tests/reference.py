@@ -19,11 +19,16 @@ def survivors(model, input_ids: torch.Tensor, plan: vtc.Plan, kept: dict) -> lis
     """
     token = model.config.image_token_id
     image_runs = ops.runs(input_ids == token)
+    video = getattr(model.config, "video_token_id", None)
+    visual = input_ids == token
+    if video is not None:  # videos (Qwen2.5-VL) come after the images, in order
+        image_runs += ops.runs(input_ids == video)
+        visual = visual | (input_ids == video)
     out = []
     for stage in plan.stages:
         if stage.where not in kept:  # skipped: it kept every token
             continue
-        rows = [(input_ids[b] != token).nonzero()[:, 0] for b in range(input_ids.shape[0])]
+        rows = [(~visual[b]).nonzero()[:, 0] for b in range(input_ids.shape[0])]
         for (b, placeholders), grid in zip(image_runs, kept[stage.where], strict=True):
             rows[b] = torch.cat([rows[b], placeholders[grid]])
         out.append((stage.layer or 0, [r.sort().values for r in rows], stage.positions == "compact"))
@@ -41,6 +46,8 @@ def reference_logits(
     vision_embeds: torch.Tensor | None = None,
     prompt: int | None = None,
     mm_token_type_ids: torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
     **image_inputs,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits of every row ``[B, P, V]`` and each sample's rows surviving all stages.
@@ -61,6 +68,11 @@ def reference_logits(
     image = input_ids == model.config.image_token_id
     image[:, prompt:] = False  # the prompt's; a generated one is a plain token
     embeds = embeds.masked_scatter(image.unsqueeze(-1), feats.to(embeds.dtype))
+    if pixel_values_videos is not None:  # Qwen2.5-VL's videos
+        feats = torch.cat(list(model.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output))
+        video = input_ids == model.config.video_token_id
+        video[:, prompt:] = False
+        embeds = embeds.masked_scatter(video.unsqueeze(-1), feats.to(embeds.dtype))
     if vision_embeds is not None and stages and stages[0][0] == 0:
         embeds = embeds.clone()
         for b, rows in enumerate(stages[0][1]):
@@ -73,7 +85,7 @@ def reference_logits(
         types = torch.cat([types, types.new_zeros(bsz, total - types.shape[1])], dim=1)
         types[:, prompt:] = 0
         pos, _ = model.model.get_rope_index(input_ids, types, image_grid_thw=image_inputs.get("image_grid_thw"),
-                                            attention_mask=attention_mask)
+                                            video_grid_thw=video_grid_thw, attention_mask=attention_mask)
 
     # Which rows each layer may attend to, and the RoPE positions it uses.
     alive = torch.ones(bsz, total, dtype=torch.bool)

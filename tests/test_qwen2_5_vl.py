@@ -1,5 +1,5 @@
 """Qwen2.5-VL specifics: 3-D positions kept through decoding, tower signals mapped through the
-window order and the 2x2 merger, refusals (no [CLS] token, compact positions), video untouched.
+window order and the 2x2 merger, refusals (no [CLS] token, compact positions), video reduced like images.
 The shared matrix (tests/test_equivalence.py) runs every applicable method on this family too."""
 
 from __future__ import annotations
@@ -187,24 +187,137 @@ def test_adapter_chosen_by_class_and_model_type(tmp_path):
     assert "Qwen2_5_VLForConditionalGeneration" in vtc.list_models()
 
 
-def test_video_passes_through_unreduced(model):
-    # An image and a video in one prompt: the image is reduced, the video's tokens all stay.
-    cfg = model.config
-    inputs = qwen_inputs(model, images=[[(8, 8)]], seed=5)
-    video = torch.full((1, 2 * 8 * 8 // 4), cfg.video_token_id)
-    ids = torch.cat([inputs["input_ids"][:, :4], video, inputs["input_ids"][:, 4:]], dim=1)
-    types = torch.cat([inputs["mm_token_type_ids"][:, :4], torch.full_like(video, 2),
-                       inputs["mm_token_type_ids"][:, 4:]], dim=1)
-    dim = inputs["pixel_values"].shape[1]
-    batch = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types,
-             "pixel_values_videos": torch.randn(2 * 8 * 8, dim, generator=torch.Generator().manual_seed(0)),
-             "video_grid_thw": torch.tensor([[2, 8, 8]])}
+VIDEO_CASES = [("random", {"budget": 0.5, "seed": 1}), ("merge", {"budget": 0.4}), ("fastv", {"budget": 0.6}),
+               ("pdrop", {"budget": 0.5}), ("visionzip", {"budget": 0.5}),
+               ("random+fastv", {"budget": 0.6, "seed": 2, "fastv.layer": 1})]
+VIDEO_IDS = [c[0] for c in VIDEO_CASES]
+
+
+def _video_batch(model, seed=5):
+    """Two padded samples: an image, then a 4-frame video (2 temporal groups); a smaller image alone."""
+    return qwen_inputs(model, images=[[(8, 8)], [(4, 8)]], videos=[[(4, 8, 8)], []], seed=seed)
+
+
+def _apply(model, case):
+    method, params = case
+    vtc.apply(model, method.split("+") if "+" in method else method, **params)
+
+
+@pytest.mark.parametrize("case", VIDEO_CASES, ids=VIDEO_IDS)
+def test_video_full_budget_is_identity(model, case):
+    inputs = qwen_inputs(model, images=[[(4, 4)]], videos=[[(2, 8, 8)]], seed=3)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    ref_out = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    method, params = case
+    with vtc.compressed(model, method.split("+") if "+" in method else method, **{**params, "budget": 1.0}):
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(logits, ref) and torch.equal(out, ref_out)
+
+
+@pytest.mark.parametrize("case", VIDEO_CASES, ids=VIDEO_IDS)
+def test_video_drop_equals_mask(model, case):
+    # The video's rows are reduced like the images': one entry of 2 groups x 16 tokens, frames jointly.
+    from .reference import reference_logits, survivors
+    from .test_equivalence import llm_inputs
+
+    inputs = _video_batch(model)
+    _apply(model, case)
+    seen, handle = llm_inputs(model)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        stats, plan = vtc.stats(model), model._vtc.plan
+    finally:
+        handle.remove()
+        vtc.remove(model)
+    stages = survivors(model, inputs["input_ids"], plan, stats.kept)
+    ref, rows = reference_logits(model, **inputs, stages=stages, vision_embeds=seen[0])
+    assert logits.shape[1] == max(r.numel() for r in rows)
+    for b, r in enumerate(rows):
+        real = inputs["attention_mask"][b, r].bool()
+        got = logits[b, logits.shape[1] - r.numel():]
+        torch.testing.assert_close(got[real], ref[b, r][real], atol=1e-5, rtol=1e-5)
+    assert stats.images == 2  # the first sample's image and video
+    last = list(stats.kept.values())[-1]
+    assert len(last) == 3 and last[2].numel() < 32
+
+
+@pytest.mark.parametrize("case", VIDEO_CASES[:4], ids=VIDEO_IDS[:4])
+def test_video_cached_generation_equals_recomputation(model, case):
+    from .reference import reference_logits, survivors
+    from .test_equivalence import greedy, llm_inputs
+
+    inputs = _video_batch(model, seed=8)
+    _apply(model, case)
+    seen, handle = llm_inputs(model)
+    try:
+        tokens, step_logits = greedy(model, inputs, steps=3)
+        stats, plan = vtc.stats(model), model._vtc.plan
+    finally:
+        handle.remove()
+        vtc.remove(model)
+    stages = survivors(model, inputs["input_ids"], plan, stats.kept)
+    extra = {k: inputs[k] for k in ("image_grid_thw", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw")}
+    for t in range(tokens.shape[1]):
+        ids = torch.cat([inputs["input_ids"], tokens[:, :t]], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :t])], dim=1)
+        ref, _ = reference_logits(model, ids, mask, inputs["pixel_values"], stages, vision_embeds=seen[0],
+                                  prompt=inputs["input_ids"].shape[1], **extra)
+        torch.testing.assert_close(step_logits[:, t], ref[:, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", VIDEO_CASES, ids=VIDEO_IDS)
+def test_image_and_video_batch_equals_single_samples(model, case):
+    from vtc.testing import split_inputs
+
+    from .test_equivalence import greedy
+
+    batch = _video_batch(model, seed=9)
+    singles = split_inputs(model, batch)
+    assert "pixel_values_videos" in singles[0] and "pixel_values_videos" not in singles[1]
+    _apply(model, case)
+    try:
+        tokens, logits = greedy(model, batch, steps=3)
+        for b, alone in enumerate(singles):
+            tokens_b, logits_b = greedy(model, alone, steps=3)
+            assert torch.equal(tokens_b[0], tokens[b])
+            torch.testing.assert_close(logits_b[0], logits[b], atol=1e-5, rtol=1e-5)
+    finally:
+        vtc.remove(model)
+
+
+@pytest.mark.parametrize("case", VIDEO_CASES, ids=VIDEO_IDS)
+def test_video_remove_restores_exactly(model, case):
+    inputs = _video_batch(model, seed=10)
+    attrs = {id(m): set(m.__dict__) for m in model.modules()}
+    with torch.no_grad():
+        before = model(**inputs).logits
+    _apply(model, case)
+    with torch.no_grad():
+        reduced = model(**inputs).logits
+    vtc.remove(model)
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert reduced.shape != before.shape or not torch.equal(reduced, before)
+    assert torch.equal(after, before)
+    assert {id(m): set(m.__dict__) for m in model.modules()} == attrs
+
+
+def test_video_alone_is_reduced_and_compact_refused(model):
+    inputs = qwen_inputs(model, images=[[]], videos=[[(4, 8, 8)]], seed=11)
+    del inputs["pixel_values"], inputs["image_grid_thw"]
     with vtc.compressed(model, "random", budget=0.5, seed=0), torch.no_grad():
-        logits = model(**batch).logits
-        out = model.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        logits = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
         assert vtc.stats(model).images == 1
-    assert logits.shape[1] == ids.shape[1] - 8  # 16 image tokens -> 8; the video's 32 all kept
-    assert out.shape[1] == ids.shape[1] + 2
+    assert logits.shape[1] == inputs["input_ids"].shape[1] - 16  # the video's 32 tokens -> 16
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+    with (vtc.compressed(model, "random", budget=0.5, seed=0, positions="compact"), torch.no_grad(),
+          pytest.raises(UnsupportedConfigurationError, match="video")):
+        model(**inputs)
 
 
 def test_cli_plans_on_the_qwen_shape(capsys):

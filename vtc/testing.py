@@ -439,22 +439,28 @@ def qwen_inputs(
     text: int = 12,
     pad: list[int] | None = None,
     seed: int = 0,
+    videos: list[list[tuple[int, int, int]]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Random left-padded Qwen2.5-VL prompts; ``images[b]`` lists each image's ``(rows, cols)`` of patches
     (even numbers: ``rows * cols / 4`` tokens). Returns ``input_ids``, ``attention_mask``, ``pixel_values``
     (``[patches, 3 * 2 * 14 * 14]``), ``image_grid_thw`` and ``mm_token_type_ids``, as the processor does.
+    ``videos[b]`` lists videos ``(frames, rows, cols)`` (even frames: ``frames/2 * rows * cols / 4``
+    tokens) placed after sample ``b``'s images; then ``pixel_values_videos`` and ``video_grid_thw`` too.
     """
     cfg = model.config
     token, unit = cfg.image_token_id, cfg.vision_config.spatial_merge_size ** 2
+    tp = cfg.vision_config.temporal_patch_size
     words_up_to = min(token, cfg.video_token_id)
     gen = torch.Generator().manual_seed(seed)
     pad = pad or [0] * len(images)
+    videos = videos or [[] for _ in images]
     seqs = []
-    for sample in images:
+    for sample, clips in zip(images, videos, strict=True):
         words = torch.randint(3, words_up_to, (text,), generator=gen)
         pieces, cut = [], torch.linspace(0, text, len(sample) + 2).long().tolist()
         for i, (h, w) in enumerate(sample):
             pieces += [words[cut[i]: cut[i + 1]], torch.full((h * w // unit,), token)]
+        pieces += [torch.full((t // tp * h * w // unit,), cfg.video_token_id) for t, h, w in clips]
         pieces.append(words[cut[len(sample)]:])
         seqs.append(torch.cat(pieces))
     width = max(len(s) + p for s, p in zip(seqs, pad))
@@ -466,8 +472,14 @@ def qwen_inputs(
     dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
     pixel = torch.randn(sum(h * w for h, w in flat), dim, generator=gen).to(model.dtype)
     grid = torch.tensor([[1, h, w] for h, w in flat], dtype=torch.long).view(-1, 3)
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel, "image_grid_thw": grid,
-            "mm_token_type_ids": (ids == token).long()}
+    out = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel, "image_grid_thw": grid,
+           "mm_token_type_ids": (ids == token).long() + 2 * (ids == cfg.video_token_id).long()}
+    clips = [clip for sample in videos for clip in sample]
+    if clips:
+        out["pixel_values_videos"] = torch.randn(sum(t // tp * h * w for t, h, w in clips), dim,
+                                                 generator=gen).to(model.dtype)
+        out["video_grid_thw"] = torch.tensor([[t // tp, h, w] for t, h, w in clips], dtype=torch.long)
+    return out
 
 
 def _split_qwen(inputs: dict) -> list[dict]:
@@ -487,6 +499,17 @@ def _split_qwen(inputs: dict) -> list[dict]:
                     "image_grid_thw": grid[image: image + n],
                     "mm_token_type_ids": inputs["mm_token_type_ids"][b: b + 1, real]})
         image, start = image + n, start + size
+    if "video_grid_thw" in inputs:  # each sample's videos, one run of video rows each
+        vgrid, video, start = inputs["video_grid_thw"], 0, 0
+        counts = [0] * len(out)
+        for b, _ in runs(inputs["mm_token_type_ids"] == 2):
+            counts[b] += 1
+        for sample, n in zip(out, counts):
+            size = int(vgrid[video: video + n].prod(-1).sum())
+            if n:
+                sample["pixel_values_videos"] = inputs["pixel_values_videos"][start: start + size]
+                sample["video_grid_thw"] = vgrid[video: video + n]
+            video, start = video + n, start + size
     return out
 
 

@@ -189,7 +189,7 @@ def test_adapter_chosen_by_class_and_model_type(tmp_path):
 
 VIDEO_CASES = [("random", {"budget": 0.5, "seed": 1}), ("merge", {"budget": 0.4}), ("fastv", {"budget": 0.6}),
                ("pdrop", {"budget": 0.5}), ("visionzip", {"budget": 0.5}),
-               ("random+fastv", {"budget": 0.6, "seed": 2, "fastv.layer": 1})]
+               ("divprune", {"budget": 0.3}), ("random+fastv", {"budget": 0.6, "seed": 2, "fastv.layer": 1})]
 VIDEO_IDS = [c[0] for c in VIDEO_CASES]
 
 

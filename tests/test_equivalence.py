@@ -64,26 +64,41 @@ def llm_inputs(model):
     return seen, handle
 
 
-def _check_against_reference(model, inputs, case, position_ids=None):
-    method, params = case_args(model, case)
+def traced(model, inputs, run, method, **params):
+    """``run()`` under ``method``, with what the LLM received and each stage's survivors:
+    ``(run's result, stages, LLM prefill embeddings, stats)``; the model is restored after."""
     vtc.apply(model, method, **params)
     seen, handle = llm_inputs(model)
     try:
-        with torch.no_grad():
-            logits = model(**inputs, position_ids=position_ids).logits
-        stats = vtc.stats(model)
-        plan = model._vtc.plan
+        result = run()
+        stats, plan = vtc.stats(model), model._vtc.plan
     finally:
         handle.remove()
         vtc.remove(model)
-    stages = survivors(model, inputs["input_ids"], plan, stats.kept)
-    ref, rows = reference_logits(model, **inputs, stages=stages, position_ids=position_ids, vision_embeds=seen[0])
+    return result, survivors(model, inputs["input_ids"], plan, stats.kept), seen[0], stats
+
+
+def assert_rows_match(logits, ref, rows, attention_mask):
+    """The physically reduced logits equal the reference's rows ``rows`` of each sample."""
     assert logits.shape[1] == max(r.numel() for r in rows), "physical drop left a different number of rows"
     for b, r in enumerate(rows):
         # A sample that kept fewer rows than another is left-padded.
-        real = inputs["attention_mask"][b, r].bool()
+        real = attention_mask[b, r].bool()
         got = logits[b, logits.shape[1] - r.numel():]
         torch.testing.assert_close(got[real], ref[b, r][real], atol=1e-5, rtol=1e-5)
+
+
+def prefill_logits(model, inputs, **extra):
+    with torch.no_grad():
+        return model(**inputs, **extra).logits
+
+
+def _check_against_reference(model, inputs, case, position_ids=None):
+    method, params = case_args(model, case)
+    logits, stages, embeds, stats = traced(
+        model, inputs, lambda: prefill_logits(model, inputs, position_ids=position_ids), method, **params)
+    ref, rows = reference_logits(model, **inputs, stages=stages, position_ids=position_ids, vision_embeds=embeds)
+    assert_rows_match(logits, ref, rows, inputs["attention_mask"])
     return stats
 
 
@@ -102,15 +117,8 @@ def test_drop_equals_mask_two_images_padded(model, case):
 
 def test_cached_generation_equals_recomputation(model, case):
     inputs = tiny_inputs(model, batch=2, pad=[2, 0], seed=2)
-    vtc.apply(model, **case_kwargs(model, case))
-    seen, handle = llm_inputs(model)
-    try:
-        tokens, step_logits = greedy(model, inputs, steps=4)
-        stats, plan = vtc.stats(model), model._vtc.plan
-    finally:
-        handle.remove()
-        vtc.remove(model)
-    stages = survivors(model, inputs["input_ids"], plan, stats.kept)
+    (tokens, step_logits), stages, embeds, _ = traced(
+        model, inputs, lambda: greedy(model, inputs, steps=4), **case_kwargs(model, case))
     for t in range(tokens.shape[1]):
         ids = torch.cat([inputs["input_ids"], tokens[:, :t]], dim=1)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :t])], dim=1)
@@ -119,7 +127,7 @@ def test_cached_generation_equals_recomputation(model, case):
         if "image_grid_thw" in inputs:
             pos = None  # Qwen2.5-VL: the reference computes the model's own 3-D positions
         ref, _ = reference_logits(model, ids, mask, inputs["pixel_values"], stages, position_ids=pos,
-                                  vision_embeds=seen[0], prompt=inputs["input_ids"].shape[1], **image_inputs)
+                                  vision_embeds=embeds, prompt=inputs["input_ids"].shape[1], **image_inputs)
         torch.testing.assert_close(step_logits[:, t], ref[:, -1], atol=1e-4, rtol=1e-4)
         assert torch.equal(ref[:, -1].argmax(-1), tokens[:, t])
 

@@ -198,9 +198,15 @@ def _video_batch(model, seed=5):
     return qwen_inputs(model, images=[[(8, 8)], [(4, 8)]], videos=[[(4, 8, 8)], []], seed=seed)
 
 
-def _apply(model, case):
+def _args(case):
+    """``(method, params)`` of a video case for ``vtc.apply``."""
     method, params = case
-    vtc.apply(model, method.split("+") if "+" in method else method, **params)
+    return (method.split("+") if "+" in method else method), params
+
+
+def _apply(model, case):
+    method, params = _args(case)
+    vtc.apply(model, method, **params)
 
 
 @pytest.mark.parametrize("case", VIDEO_CASES, ids=VIDEO_IDS)
@@ -220,26 +226,14 @@ def test_video_full_budget_is_identity(model, case):
 @pytest.mark.parametrize("case", VIDEO_CASES, ids=VIDEO_IDS)
 def test_video_drop_equals_mask(model, case):
     # The video's rows are reduced like the images': one entry of 2 groups x 16 tokens, frames jointly.
-    from .reference import reference_logits, survivors
-    from .test_equivalence import llm_inputs
+    from .reference import reference_logits
+    from .test_equivalence import assert_rows_match, prefill_logits, traced
 
     inputs = _video_batch(model)
-    _apply(model, case)
-    seen, handle = llm_inputs(model)
-    try:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        stats, plan = vtc.stats(model), model._vtc.plan
-    finally:
-        handle.remove()
-        vtc.remove(model)
-    stages = survivors(model, inputs["input_ids"], plan, stats.kept)
-    ref, rows = reference_logits(model, **inputs, stages=stages, vision_embeds=seen[0])
-    assert logits.shape[1] == max(r.numel() for r in rows)
-    for b, r in enumerate(rows):
-        real = inputs["attention_mask"][b, r].bool()
-        got = logits[b, logits.shape[1] - r.numel():]
-        torch.testing.assert_close(got[real], ref[b, r][real], atol=1e-5, rtol=1e-5)
+    method, params = _args(case)
+    logits, stages, embeds, stats = traced(model, inputs, lambda: prefill_logits(model, inputs), method, **params)
+    ref, rows = reference_logits(model, **inputs, stages=stages, vision_embeds=embeds)
+    assert_rows_match(logits, ref, rows, inputs["attention_mask"])
     assert stats.images == 2  # the first sample's image and video
     last = list(stats.kept.values())[-1]
     assert len(last) == 3 and last[2].numel() < 32
@@ -247,24 +241,18 @@ def test_video_drop_equals_mask(model, case):
 
 @pytest.mark.parametrize("case", VIDEO_CASES[:4], ids=VIDEO_IDS[:4])
 def test_video_cached_generation_equals_recomputation(model, case):
-    from .reference import reference_logits, survivors
-    from .test_equivalence import greedy, llm_inputs
+    from .reference import reference_logits
+    from .test_equivalence import greedy, traced
 
     inputs = _video_batch(model, seed=8)
-    _apply(model, case)
-    seen, handle = llm_inputs(model)
-    try:
-        tokens, step_logits = greedy(model, inputs, steps=3)
-        stats, plan = vtc.stats(model), model._vtc.plan
-    finally:
-        handle.remove()
-        vtc.remove(model)
-    stages = survivors(model, inputs["input_ids"], plan, stats.kept)
+    method, params = _args(case)
+    (tokens, step_logits), stages, embeds, _ = traced(
+        model, inputs, lambda: greedy(model, inputs, steps=3), method, **params)
     extra = {k: inputs[k] for k in ("image_grid_thw", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw")}
     for t in range(tokens.shape[1]):
         ids = torch.cat([inputs["input_ids"], tokens[:, :t]], dim=1)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens[:, :t])], dim=1)
-        ref, _ = reference_logits(model, ids, mask, inputs["pixel_values"], stages, vision_embeds=seen[0],
+        ref, _ = reference_logits(model, ids, mask, inputs["pixel_values"], stages, vision_embeds=embeds,
                                   prompt=inputs["input_ids"].shape[1], **extra)
         torch.testing.assert_close(step_logits[:, t], ref[:, -1], atol=1e-4, rtol=1e-4)
 

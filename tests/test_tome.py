@@ -32,8 +32,7 @@ from vtc.plan import ModelInfo
 from vtc.testing import tiny_inputs, tiny_llava, tiny_model
 
 from .conftest import BACKENDS
-from .reference import survivors
-from .test_equivalence import llm_inputs
+from .test_equivalence import prefill_logits, traced
 
 torch.set_num_threads(1)
 
@@ -134,17 +133,10 @@ def _model(attn: str, text_model: str = "llama", deep: bool = False):
 
 def vtc_llm_features(model, inputs: dict, **params) -> tuple[torch.Tensor, vtc.Stats]:
     """The image rows of the embeddings vtc hands to the LLM, per image ``[images, tokens, D]``."""
-    with vtc.compressed(model, "tome", **params):
-        seen, handle = llm_inputs(model)
-        try:
-            with torch.no_grad():
-                model(**inputs)
-        finally:
-            handle.remove()
-        stats, plan = vtc.stats(model), model._vtc.plan
+    _, stages, embeds, stats = traced(model, inputs, lambda: prefill_logits(model, inputs), "tome", **params)
     ids = inputs["input_ids"]
-    (_, rows, _), = survivors(model, ids, plan, stats.kept)  # each sample's rows of the reduced prompt
-    feats = [seen[0][b, seen[0].shape[1] - r.numel():][ids[b, r] == model.config.image_token_id]
+    (_, rows, _), = stages  # each sample's rows of the reduced prompt
+    feats = [embeds[b, embeds.shape[1] - r.numel():][ids[b, r] == model.config.image_token_id]
              for b, r in enumerate(rows)]
     return torch.cat(feats).view(-1, stats.tokens_entering_llm, feats[0].shape[-1]), stats
 

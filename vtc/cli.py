@@ -31,10 +31,9 @@ def _number(text: str) -> int | float:
         >>> _number("192"), _number("0.25")
         (192, 0.25)
     """
-    try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise VtcError(f"budget {text!r} is not a number: give a count like 192 or a fraction like 0.25") from None
+    from vtc.eval.sweep import _budget
+
+    return _budget(text)
 
 
 def _budget_arg(text: str) -> int | float:

@@ -150,6 +150,17 @@ def test_vtc_cls_keeps_the_official_patches(attn, single):
 
 
 # -- PyramidDrop -------------------------------------------------------------------------
+def _prompt_embeddings(model, inputs) -> tuple[torch.Tensor, int, int]:
+    """The LLM's input embeddings of a one-image prompt (image features scattered into the
+    placeholders, as the official LLaVA code does), the image's first row and its length."""
+    ids = inputs["input_ids"]
+    image = ids[0] == model.config.image_token_id
+    with torch.no_grad():
+        h = model.model.language_model.embed_tokens(ids)
+        h[0, image] = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+    return h, int(image.nonzero()[0, 0]), int(image.sum())
+
+
 def official_pdrop(model, inputs, layer_list: list[int], ratio: float):
     """Cooperx521/PyramidDrop @6444f30, ``llava/model/modeling_llama_pdrop.py``: after decoder layer
     ``rank_layer - 1`` (L1219-1240) the image tokens are ranked (``pdrop_rank_drop``, L1291-1420)
@@ -160,14 +171,7 @@ def official_pdrop(model, inputs, layer_list: list[int], ratio: float):
     ``[1, ratio, ratio**2, ...]`` (``model_vqa_loader.py`` L94-96, scripts pass lambda powers).
     Returns each stage's kept grid indices and the last row's logits."""
     lm = model.model.language_model
-    ids = inputs["input_ids"]
-    image = ids[0] == model.config.image_token_id
-    start, n = int(image.nonzero()[0, 0]), int(image.sum())
-    with torch.no_grad():
-        embeds = lm.embed_tokens(ids)
-        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
-    h = embeds.clone()
-    h[0, image] = feats
+    h, start, n = _prompt_embeddings(model, inputs)
     grid = torch.arange(n)  # original grid index of each image row still present
     ratios = [ratio**i for i in range(len(layer_list) + 1)]
     kept = []
@@ -236,12 +240,8 @@ def official_fastv(model, inputs, agg_layer: int, rank: int):
     ``src/FastV/lmms-eval/fastv_kvcache.py`` L125 passes ``int(576 * ratio)``).
     Returns the kept grid indices and the last row's logits."""
     lm = model.model.language_model
-    ids = inputs["input_ids"]
-    image = ids[0] == model.config.image_token_id
-    start, n = int(image.nonzero()[0, 0]), int(image.sum())
+    h, start, n = _prompt_embeddings(model, inputs)
     with torch.no_grad():
-        h = lm.embed_tokens(ids)
-        h[0, image] = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
         t = h.shape[1]
         pos = torch.arange(t)[None]
         causal = torch.full((t, t), torch.finfo(h.dtype).min).triu(1)[None, None]

@@ -110,8 +110,7 @@ def visionzip_rows(
     step = max(1, len(rest_idx) // contextual)
     targets = rest_idx[torch.arange(contextual) * step][:contextual]
     others = rest_idx[~torch.isin(rest_idx, targets)]
-    f = torch.nn.functional.normalize(feats, dim=-1)
-    g = (f[others] @ f[targets].T).argmax(-1)
+    g = assign(feats, targets, spatial=False)[others]
     w_ctx = torch.zeros(len(targets), n + 1)
     for j in range(len(targets)):
         members = others[g == j]

@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 N_PAIRS = len(scenes.COLOR_NAMES) * len(scenes.SHAPES)
-IMAGE_START = 3  # <s> USER : <image>...
+IMAGE_START = toy_shorten.IMAGE_START  # <s> USER : <image>...
 SHORTEN_KINDS = ("full", "mask", "subset", "merge", "pool", "visionzip")
 KIND_WEIGHTS = {"color": 0.28, "shape": 0.28, "presence": 0.28, "count": 0.08, "left_of": 0.08}
 
@@ -102,6 +102,16 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 def load_ckpt(path: Path) -> dict | None:
     return torch.load(path, weights_only=False) if path.exists() else None
+
+
+def finished(ck: dict | None, stage: str, module: nn.Module, key: str) -> bool:
+    """Whether checkpoint ``ck`` is of a finished stage; if so its weights ``ck[key]`` are
+    loaded into ``module``, so a rerun skips the stage."""
+    if ck is None or not ck.get("done"):
+        return False
+    module.load_state_dict(ck[key])
+    log(f"{stage}: done already ({ck['metrics']})")
+    return True
 
 
 # ---------------------------------------------------------------------------- stage 1
@@ -167,9 +177,7 @@ def stage1_eval(tower: nn.Module, heads: Stage1Heads, seed: int, n: int = 384) -
 def run_stage1(args: argparse.Namespace, tower: nn.Module) -> dict:
     path = args.work / "stage1.pt"
     ck = load_ckpt(path)
-    if ck is not None and ck.get("done"):
-        tower.load_state_dict(ck["tower"])
-        log(f"stage1: done already ({ck['metrics']})")
+    if finished(ck, "stage1", tower, "tower"):
         return ck["metrics"]
     heads = Stage1Heads(tower.config.hidden_size)
     params = list(tower.parameters()) + list(heads.parameters())
@@ -283,9 +291,7 @@ def run_stage1b(args: argparse.Namespace, tower: nn.Module) -> dict:
     stage 1's tower; only the query and key projections train."""
     path = args.work / "stage1b.pt"
     ck = load_ckpt(path)
-    if ck is not None and ck.get("done"):
-        tower.load_state_dict(ck["tower"])
-        log(f"stage1b: done already ({ck['metrics']})")
+    if finished(ck, "stage1b", tower, "tower"):
         return ck["metrics"]
     teacher = copy.deepcopy(tower).eval().requires_grad_(False)
     if ck is not None:
@@ -700,9 +706,7 @@ def run_lm_stage(args: argparse.Namespace, model, v: Vocab, cache: dict, stage: 
     path = args.work / f"{stage}.pt"
     ck = load_ckpt(path)
     modules = nn.ModuleList([model.model.multi_modal_projector, model.model.language_model])
-    if ck is not None and ck.get("done"):
-        modules.load_state_dict(ck["modules"])
-        log(f"{stage}: done already ({ck['metrics']})")
+    if finished(ck, stage, modules, "modules"):
         return ck["metrics"]
     s2 = stage == "stage2"
     total, base_lr, warmup = (args.stage2_steps, args.lr2, 100) if s2 else (args.stage3_steps, args.lr3, 50)

@@ -333,7 +333,7 @@ def run_search(spec: SearchSpec) -> Path:
     spec.check()
     info = _model_info(spec)
     budget_tokens = _check_budget(spec, info) if spec.algorithm == "psigmoid" else None
-    from vtc.eval.sweep import _new_folders
+    from vtc.eval.sweep import _new_folders, _remove_empty
 
     out = Path(spec.out)
     created = _new_folders(out.parent)
@@ -342,11 +342,7 @@ def run_search(spec: SearchSpec) -> Path:
         with OutputLock(out.with_name(out.name + ".lock"), f"a search into {out}"):
             return _search(spec, out, budget_tokens)
     except BaseException:
-        for folder in created:  # a failed search leaves no empty folders
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        _remove_empty(created)  # a failed search leaves no empty folders
         raise
 
 

@@ -560,6 +560,11 @@ def _clean_failed(out: Path, created: list[Path], wrote_settings: bool) -> None:
         return
     if wrote_settings:
         (out / SETTINGS_FILE).unlink(missing_ok=True)
+    _remove_empty(created)
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders a failed run made (``_new_folders``, deepest first) while they are empty."""
     for folder in created:
         try:
             folder.rmdir()  # only if empty

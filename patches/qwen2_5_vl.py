@@ -116,8 +116,7 @@ class Qwen2_5_VLAdapter(Adapter):
     def encode_others(self, arguments: dict) -> None:
         mm = arguments["mm_encoder_outputs"]
         if arguments.get("pixel_values_videos") is not None and mm.get("video") is None:
-            mm["video"] = self.base().get_video_features(arguments["pixel_values_videos"],
-                                                         arguments.get("video_grid_thw"), return_dict=True)
+            mm["video"] = self.encode_videos(arguments)
         arguments["pixel_values_videos"] = None
 
     def received_attention(self, module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

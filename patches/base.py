@@ -121,7 +121,7 @@ class Installation:
                 self._wrap(self.model, "generate", self._generate_wrapper)
             self._handles.append(self.model.register_forward_pre_hook(self._take_labels, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._loss, with_kwargs=True))
-            if self.needs_tower or self.needs_hidden or self.adapter.has_layout:
+            if self.needs_tower or self.needs_hidden or self.adapter.has_layout or self.tower is not None:
                 self._wrap(self.base, "get_image_features", self._features_wrapper)
                 if self.adapter.video_token_id is not None:  # a video's tower signals, read the same way
                     self._wrap(self.base, "get_video_features", self._features_wrapper)
@@ -129,8 +129,6 @@ class Installation:
                     module = self.adapter.vision_attention(layer)
                     self._handles.append(module.register_forward_pre_hook(self._capture(layer), with_kwargs=True))
             if self.tower is not None:
-                if not any(m is self.base and n == "get_image_features" for m, n, _ in self._saved):
-                    self._wrap(self.base, "get_image_features", self._features_wrapper)
                 self.tower.install()
             self.layer_stages.install()
         except Exception:

@@ -605,9 +605,8 @@ def run(spec: SweepSpec, progress: bool = True, verbose: bool = False) -> Path:
         todo = [c for c in cells if cell_key(spec, c) not in done]
         if not todo:
             print(f"all {len(cells)} cells already in {out / 'results.jsonl'}")
-        else:
-            _run_cells(spec, manager, todo, out, progress, verbose)
-        if main:
+        wrote = bool(todo) and _run_cells(spec, manager, todo, out, progress, verbose)
+        if main and not wrote:  # a written cell has already written the reports
             write_reports(out)
     except BaseException:
         lock.release()
@@ -619,7 +618,9 @@ def run(spec: SweepSpec, progress: bool = True, verbose: bool = False) -> Path:
     return out
 
 
-def _run_cells(spec: SweepSpec, manager, todo: list[Cell], out: Path, progress: bool, verbose: bool) -> None:
+def _run_cells(spec: SweepSpec, manager, todo: list[Cell], out: Path, progress: bool, verbose: bool) -> bool:
+    """Evaluate ``todo``, appending each cell's row and rewriting the reports after it; returns
+    whether this process wrote any row."""
     from lmms_eval.evaluator import simple_evaluate
     from transformers.utils import logging as hf_logging
 
@@ -642,6 +643,7 @@ def _run_cells(spec: SweepSpec, manager, todo: list[Cell], out: Path, progress: 
             hf_logging.enable_progress_bar()
     lm = VtcLMM.wrap(model, processor, batch_size=spec.batch_size)
     lm.show_progress = progress
+    wrote = False
     for i, cell in enumerate(todo, 1):
         lm.costs.clear()
         lm.first_request = None
@@ -673,3 +675,5 @@ def _run_cells(spec: SweepSpec, manager, todo: list[Cell], out: Path, progress: 
         }
         append_jsonl(out / "results.jsonl", row)
         write_reports(out)
+        wrote = True
+    return wrote

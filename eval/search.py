@@ -23,7 +23,7 @@ import torch
 import vtc
 from vtc.budget import resolve_count
 from vtc.errors import VtcError
-from vtc.eval.store import OutputLock, append_jsonl, check_writable, model_fingerprint, read_jsonl, repair_jsonl
+from vtc.eval.store import OutputLock, append_jsonl, check_out_file, model_fingerprint, read_jsonl, repair_jsonl
 from vtc.registry import get_adapter
 
 
@@ -131,10 +131,7 @@ class SearchSpec:
         if self.budget is not None:
             self.budget = _budget(self.budget)
         check_device(self.device)
-        out = Path(self.out)
-        if out.is_dir():
-            raise VtcError(f"--out {out} is a folder: name the schedule file, e.g. {out / 'schedule.json'}")
-        check_writable(out.parent)
+        check_out_file(self.out, "schedule file", "schedule.json")
 
     def model_path(self) -> str:
         from vtc.eval import toy

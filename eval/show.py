@@ -28,7 +28,7 @@ def check_show(image: str | None, out: str | Path, model: str | None, method: st
     from PIL import Image, UnidentifiedImageError
 
     from vtc.errors import VtcError
-    from vtc.eval.store import check_writable
+    from vtc.eval.store import check_out_file
     from vtc.eval.sweep import _meta_model
 
     if image is not None:
@@ -39,10 +39,7 @@ def check_show(image: str | None, out: str | Path, model: str | None, method: st
                 im.verify()
         except (UnidentifiedImageError, OSError) as e:
             raise VtcError(f"--image {image} is not an image PIL can read ({e.__class__.__name__})") from None
-    out = Path(out)
-    if out.is_dir():
-        raise VtcError(f"--out {out} is a folder: name the picture, e.g. {out / 'kept.png'}")
-    check_writable(out.parent if str(out.parent) else Path("."))
+    check_out_file(out, "picture", "kept.png")
     if model is None:
         from vtc.eval.toy import MODEL_PATH
 

@@ -170,6 +170,21 @@ def check_writable(folder: str | Path, flag: str = "--out") -> None:
         raise VtcError(f"cannot write to {folder} ({e.strerror or e}): pass a writable {flag}") from None
 
 
+def check_out_file(out: str | Path, what: str, example: str) -> None:
+    """Refuse (one line) an output file that names a folder, or whose folder cannot be written.
+
+    Example:
+        >>> check_out_file("/tmp", "schedule file", "schedule.json")
+        Traceback (most recent call last):
+        ...
+        vtc.errors.VtcError: --out /tmp is a folder: name the schedule file, e.g. /tmp/schedule.json
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise VtcError(f"--out {out} is a folder: name the {what}, e.g. {out / example}")
+    check_writable(out.parent)
+
+
 def model_fingerprint(path: str) -> str | None:
     """A cheap content fingerprint of a local model folder (its config and the sizes, heads and
     tails of its weight files), so that retrained weights at the same path are told apart; None

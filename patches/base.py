@@ -425,8 +425,9 @@ class Installation:
                                    f"apply tome to the model that encodes the images")
                 im.feats, im.index = im.feats[:k], sources[:k].sort().values
             return [im.index for im in images]
+        options = dict(stage.options)
         # own_count: the reducer sizes each image's selection itself and may drop protected tokens.
-        own = bool(dict(stage.options).get("own_count"))
+        own, pre = bool(options.get("own_count")), bool(options.get("pre"))
         groups: dict = {}
         for g, im in enumerate(images):
             k, n = im.keeps[i], im.feats.shape[0]
@@ -436,20 +437,17 @@ class Installation:
             groups.setdefault(("alone", g) if shielded or own else (n, k), []).append(g)
         for members in groups.values():
             ims = [images[g] for g in members]
-            feats = torch.stack([im.feats for im in ims])
             scores, metric, layout = self._vision_signals(stage, ims)
-            protected = ims[0].protected[ims[0].index] if len(ims) == 1 and ims[0].protected is not None else None
-            protected = None if own else protected
-            options = dict(stage.options)
-            pre = bool(options.get("pre"))
+            protected = (ims[0].protected[ims[0].index]
+                         if not own and len(ims) == 1 and ims[0].protected is not None else None)
             if pre and "hidden" not in ims[0].signals:
                 raise VtcError(
                     f"vision stage {stage.reducer_label} merges the tower's features before the projector, and this "
                     f"{self.info.family} model does not expose them; compile the method for this model with vtc.plan"
                 )
             cls = torch.stack([im.signals["cls_hidden"][0] for im in ims]) if options.get("cls") else None
-            if pre:  # reduce the projector's input, then project it (LLaVA's projector is per token)
-                feats = torch.stack([im.signals["hidden"][im.index] for im in ims])
+            # pre: reduce the projector's input, then project it (LLaVA's projector is per token).
+            feats = torch.stack([im.signals["hidden"][im.index] if pre else im.feats for im in ims])
             reduced, local = reduce_vision(resized(stage, ims[0].keeps[i]), feats, scores, metric, protected, layout,
                                            cls=cls)
             if pre:

@@ -609,12 +609,11 @@ def run(spec: SweepSpec, progress: bool = True, verbose: bool = False) -> Path:
         if main and not wrote:  # a written cell has already written the reports
             write_reports(out)
     except BaseException:
-        lock.release()
+        lock.release()  # before the cleanup, which removes the folder only if empty
         if main:
             _clean_failed(out, created, wrote_settings)
         raise
-    finally:
-        lock.release()
+    lock.release()
     return out
 
 

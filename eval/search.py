@@ -134,9 +134,9 @@ class SearchSpec:
         check_out_file(self.out, "schedule file", "schedule.json")
 
     def model_path(self) -> str:
-        from vtc.eval import toy
+        from vtc.eval.sweep import model_path
 
-        return str(toy.MODEL_PATH) if self.model == "toy" else self.model
+        return model_path(self.model)
 
     def settings(self) -> dict:
         """Everything that changes the value of one evaluation (not the tolerance, which only

@@ -80,6 +80,15 @@ def _count(value, key: str, minimum: int = 1) -> int:
     return value
 
 
+def model_path(model: str) -> str:
+    """Where a ``--model`` loads from: the bundled toy model's folder for ``toy``, else as given."""
+    if model == TOY_MODEL:
+        from vtc.eval.toy import MODEL_PATH
+
+        return str(MODEL_PATH)
+    return model
+
+
 @dataclass
 class SweepSpec:
     """What a sweep runs. Every field is also a ``vtc sweep`` flag and a key of a YAML spec.
@@ -156,11 +165,7 @@ class SweepSpec:
         return cls(**data)
 
     def model_path(self) -> str:
-        if self.model == TOY_MODEL:
-            from vtc.eval.toy import MODEL_PATH
-
-            return str(MODEL_PATH)
-        return self.model
+        return model_path(self.model)
 
     def method_params(self, method: str) -> dict:
         """The ``params`` that apply to ``method`` (a name or a composition ``a+b``)."""

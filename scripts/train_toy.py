@@ -858,6 +858,25 @@ def write_results(path: Path, result: dict, crude: dict, keep: int) -> None:
     path.write_text(text[:start] + "\n".join(lines) + text[end + len("<!-- results:end -->") :])
 
 
+def save_hub_layout(model, model_dir: Path) -> None:
+    """``save_pretrained`` in the layout of the LLaVA checkpoints on the hub (``vision_tower.vision_model.*``).
+
+    A model built from a config saves its CLIP tower's keys without ``vision_model.`` (transformers
+    5.x drops that prefix on load and restores it on save only for models it loaded that way);
+    vLLM's LLaVA loader and other tools read the hub's names, and transformers loads both, to the
+    same bits (tests/test_serve.py)."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(model_dir)
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    flat, hub = "vision_tower.", "vision_tower.vision_model."
+    renamed = {
+        (hub + k[len(flat) :] if k.startswith(flat) and not k.startswith(hub) else k): v for k, v in tensors.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})
+
+
 def run_final(args: argparse.Namespace, model, processor) -> dict:
     model.eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
@@ -866,7 +885,7 @@ def run_final(args: argparse.Namespace, model, processor) -> dict:
     model.generation_config.max_new_tokens = 3
     model.generation_config.do_sample = False
     args.model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.model_dir)
+    save_hub_layout(model, args.model_dir)
     processor.save_pretrained(args.model_dir)
     size = sum(f.stat().st_size for f in args.model_dir.iterdir())
     log(f"saved model + processor to {args.model_dir} ({size / 1e6:.1f} MB)")

@@ -111,6 +111,8 @@ class Installation:
                     f"a {s.reducer} stage that merges before the projector cannot follow a stage that merges or "
                     f"pools: put it first among the vision stages"
                 )
+        # Stages that weigh tokens by the instruction's embeddings (CDPruner).
+        self.needs_text = any(s.reducer == "cdpruner" for s in self.vision_stages)
         self.needs_tower = bool(self.cls_layers or self.recv_layers or self.key_layers or self.mean_key_layers)
 
     # -- install / remove --------------------------------------------------------------
@@ -297,6 +299,8 @@ class Installation:
         # in this same forward. They are text (kept); scoring and decode steps leave them out.
         prompt = self._prompt
         drafts = total - prompt if prompt is not None and 0 < prompt < total else 0
+        if self.needs_text:
+            self._instructions(a, ids, image_mask, images, drafts)
         kept: dict[str, list[torch.Tensor]] = {}
         for i, stage in enumerate(self.vision_stages):
             kept[stage.where] = self._reduce_images(i, stage, images)
@@ -357,6 +361,27 @@ class Installation:
         sizes = [im.size for im in images if im.sample == 0]
         text = total - drafts - sum(sizes)
         self.last_stats = make_stats(self.info, self.active_plan, text, sizes, kept, self.adapter.vision_hidden_size())
+
+    def _instructions(self, a: dict, ids: torch.Tensor, visual: torch.Tensor, images: list[Image], drafts: int) -> None:
+        """Give each image the input embeddings of the instruction it is asked about (stages that read the text:
+        ``cdpruner``): its sample's text rows after the sample's last image or video row (the question, as the
+        official CDPruner passes it, here with the chat template's tail), padding and draft rows excluded; all
+        of the sample's text rows when none follows the images."""
+        mask = a["attention_mask"]
+        text = ~visual if mask is None else mask.bool() & ~visual
+        if drafts:
+            text[:, text.shape[1] - drafts:] = False
+        embeds = a["inputs_embeds"]
+        embed = self.model.get_input_embeddings()
+        for b in sorted({im.sample for im in images}):
+            last = int(visual[b].nonzero()[-1, 0])
+            rows = text[b].nonzero()[:, 0]
+            rows = rows[rows > last] if bool((rows > last).any()) else rows
+            with torch.no_grad():
+                x = embeds[b, rows] if embeds is not None else embed(ids[b, rows])
+            for im in images:
+                if im.sample == b:
+                    im.instruction = x
 
     @staticmethod
     def _row_maps(ids: torch.Tensor, images: list[Image]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -446,10 +471,11 @@ class Installation:
                     f"{self.info.family} model does not expose them; compile the method for this model with vtc.plan"
                 )
             cls = torch.stack([im.signals["cls_hidden"][0] for im in ims]) if options.get("cls") else None
+            text = [im.instruction for im in ims] if self.needs_text else None
             # pre: reduce the projector's input, then project it (LLaVA's projector is per token).
             feats = torch.stack([im.signals["hidden"][im.index] if pre else im.feats for im in ims])
             reduced, local = reduce_vision(resized(stage, ims[0].keeps[i]), feats, scores, metric, protected, layout,
-                                           cls=cls)
+                                           cls=cls, text=text)
             if pre:
                 reduced = self.adapter.project(reduced).to(ims[0].feats.dtype)
             for j, im in enumerate(ims):
@@ -654,6 +680,8 @@ class Image:
     protected: torch.Tensor | None  # per original token: kept at every stage
     keeps: list[int]  # what each stage of the plan keeps of it
     index: torch.Tensor  # which original tokens ``feats`` stand for
+    # The input embeddings of the instruction it is asked about ``[M, D]`` (read by ``cdpruner``), or None.
+    instruction: torch.Tensor | None = None
 
     @property
     def size(self) -> int:

@@ -32,6 +32,8 @@ METHODS = {
     "tome": ("tome", {"budget": 6}),  # LLaVA-1.5 only (merges inside the tower)
     "merge": ("merge", {"budget": 6}),
     "divprune": ("divprune", {"budget": 6}),
+    "vispruner": ("vispruner", {"budget": 6}),
+    "cdpruner": ("cdpruner", {"budget": 6}),
     "visionzip": ("visionzip", {"budget": 6}),
     "aim": ("aim", {"budget": 6}),
     "aim-no-merge": ("aim", {"merged": 16, "slope": 0.4, "iters": 3, "temperature": 0.5}),

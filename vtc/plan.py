@@ -13,7 +13,7 @@ from typing import Literal
 
 SCORERS = ("cls_attention", "received_attention", "query_attention", "pagerank", "random", "keys", "mean_keys",
            "none")
-REDUCERS = ("topk", "merge", "pool", "dominant+context", "hired", "tome", "divprune")
+REDUCERS = ("topk", "merge", "pool", "dominant+context", "hired", "tome", "divprune", "vispruner", "cdpruner")
 POSITIONS = ("keep", "compact")
 
 

@@ -17,7 +17,7 @@ from .plan import Stage
 def reduce_vision(
     stage: Stage, feats: torch.Tensor, scores: torch.Tensor | None, metric: torch.Tensor | None,
     protected: torch.Tensor | None = None, layout: dict[str, torch.Tensor] | None = None,
-    cls: torch.Tensor | None = None,
+    cls: torch.Tensor | None = None, text: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply ``stage`` to ``feats`` ``[I, n, D]``; returns the reduced features and, for each,
     its position among the ``n`` inputs (``[I, k]``; ascending, except ``dominant+context``,
@@ -28,6 +28,8 @@ def reduce_vision(
     ``layout`` (``{name: [I, n]}``): where each token is in a tiled image, for ``hired``.
     ``cls`` (``[I, D]``): the images' [CLS] tokens, which ``dominant+context`` keeps first when
     its option ``cls`` is 1.
+    ``text`` (one ``[M_i, D]`` per image): the embeddings of the instruction each image is asked about,
+    which ``cdpruner`` weighs tokens by.
 
     Example:
         >>> from vtc.plan import Scorer, Stage
@@ -41,7 +43,7 @@ def reduce_vision(
         inner = resized(stage, stage.keep - fixed.numel())
         scores, metric = (None if t is None else t[:, free] for t in (scores, metric))
         layout = None if layout is None else {k: v[:, free] for k, v in layout.items()}
-        reduced, local = reduce_vision(inner, feats[:, free], scores, metric, layout=layout, cls=cls)
+        reduced, local = reduce_vision(inner, feats[:, free], scores, metric, layout=layout, cls=cls, text=text)
         index = torch.cat([fixed.expand(feats.shape[0], -1), free[local]], dim=1)
         index, order = index.sort(dim=1)
         both = torch.cat([feats[:, fixed], reduced], dim=1)
@@ -65,6 +67,18 @@ def reduce_vision(
         return ops.gather_tokens(feats, keep), keep
     if stage.reducer == "divprune":
         keep = ops.divprune_select(feats, stage.keep)
+        return ops.gather_tokens(feats, keep), keep
+    if stage.reducer == "vispruner":
+        # metric: the features duplicates are judged by (the tower's, before the projector), else feats.
+        important = int(stage.keep * dict(stage.options)["important"])  # the official int(T * r)
+        keep = ops.vispruner_select(scores, feats if metric is None else metric, stage.keep, important)
+        return ops.gather_tokens(feats, keep), keep
+    if stage.reducer == "cdpruner":
+        if text is None:
+            raise ValueError("a cdpruner stage weighs tokens by the instruction: pass text")
+        negative = bool(dict(stage.options).get("negative"))
+        relevance = torch.stack([ops.instruction_relevance(f, t, negative) for f, t in zip(feats, text)])
+        keep = ops.dpp_select(feats, relevance, stage.keep)
         return ops.gather_tokens(feats, keep), keep
     if stage.reducer == "pool":
         return ops.pool_grid(feats, stage.keep)

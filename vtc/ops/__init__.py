@@ -4,7 +4,8 @@ Nothing here knows a model family: selection (:func:`topk_keep`, :func:`gather_t
 attention scores from a module's own projections (:func:`query_attention`,
 :func:`cls_attention`), merging (:func:`bipartite_soft_matching`, :func:`merge_to`,
 :func:`dominant_and_context`; :func:`tome_matching` inside a ViT block) and pooling
-(:func:`pool_grid`); diversity (:func:`divprune_select`).
+(:func:`pool_grid`); diversity (:func:`divprune_select`, :func:`vispruner_select`,
+:func:`dpp_select` with :func:`instruction_relevance`).
 
 Example:
     >>> import torch
@@ -15,7 +16,8 @@ Example:
 """
 
 from .attention import apply_rope, attention_pagerank, cls_attention, query_attention, rotate_half
-from .diversity import divprune_select
+from .diversity import divprune_select, vispruner_select
+from .dpp import dpp_select, instruction_relevance
 from .merge import bipartite_soft_matching, merge_weighted, tome_matching
 from .reduce import dominant_and_context, hired_official, hired_select, merge_to, pool_grid, share
 from .select import gather_tokens, left_pad, runs, topk_keep
@@ -27,9 +29,11 @@ __all__ = [
     "cls_attention",
     "divprune_select",
     "dominant_and_context",
+    "dpp_select",
     "gather_tokens",
     "hired_official",
     "hired_select",
+    "instruction_relevance",
     "left_pad",
     "merge_to",
     "merge_weighted",
@@ -40,4 +44,5 @@ __all__ = [
     "share",
     "tome_matching",
     "topk_keep",
+    "vispruner_select",
 ]

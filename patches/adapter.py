@@ -183,6 +183,10 @@ class Adapter:
         """The ``pooler_output`` the model's forward expects, from reduced per-image features."""
         return feats
 
+    def video_pooler_output(self, feats: list[torch.Tensor]) -> Any:
+        """The video encoder's ``pooler_output`` from reduced per-video features (default: as images')."""
+        return self.pooler_output(feats)
+
     def vision_hidden_size(self) -> int:
         return 0
 

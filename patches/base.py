@@ -320,7 +320,7 @@ class Installation:
                 out.pooler_output = self.adapter.pooler_output([im.feats for im in images[:n_images]])
             if vout is not None:
                 vout = copy.copy(vout)
-                vout.pooler_output = self.adapter.pooler_output([im.feats for im in images[n_images:]])
+                vout.pooler_output = self.adapter.video_pooler_output([im.feats for im in images[n_images:]])
             real = (~pad).sum(dim=1, keepdim=True)
             width = rows.shape[1] - drafts  # the drafts are the last columns of every sample
             self._vision = {"rows": rows[:, :width], "valid": ~pad[:, :width], "ragged": ragged,
@@ -480,8 +480,8 @@ class Installation:
                 reduced = self.adapter.project(reduced).to(ims[0].feats.dtype)
             for j, im in enumerate(ims):
                 im.feats, im.index = reduced[j], im.index[local[j]]
-                if own:  # later stages keep no more than this one left
-                    im.keeps[i:] = [min(k, im.index.numel()) for k in im.keeps[i:]]
+                # Later stages keep no more than this one left (own_count, or pool's whole frames).
+                im.keeps[i:] = [min(k, im.index.numel()) for k in im.keeps[i:]]
         return [im.index for im in images]
 
     def _reduce_inputs(self, a: dict, rows: torch.Tensor, pad: torch.Tensor, ragged: bool, compact: bool):

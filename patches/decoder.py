@@ -30,6 +30,9 @@ from .local import PerThread
 LAYER_KWARGS = ("attention_mask", "position_ids", "cache", "position_embeddings")
 # Scorers that run inside the LLM, from a decoder layer's input: (layer, hidden, (cos, sin), key_mask).
 SCORERS = {"query_attention": ops.query_attention, "pagerank": ops.attention_pagerank}
+# Selectors choose the rows themselves (a boolean keep-mask, not one score per row), from the keys and
+# the output of the layer before their stage (LayerStages._select).
+SELECTORS = ("dart",)
 
 
 def check_layer_signature(layer: nn.Module) -> None:
@@ -111,12 +114,18 @@ def select_rows(
     (protected rows first). Samples that keep fewer rows than others are left-padded.
 
     ``scores``, ``image_of`` (``-1`` text, ``-2`` padding slots, dropped) and ``protected`` are
-    ``[B, n]``; returns sorted row indices ``[B, n']`` and the padding mask ``[B, n']``.
+    ``[B, n]``; returns sorted row indices ``[B, n']`` and the padding mask ``[B, n']``. Boolean
+    ``scores`` are a selector's keep-mask: its chosen rows count as the best (a selector sizes its
+    choice to ``keep_of[g]`` less the protected rows).
 
     Example:
         >>> select_rows(torch.tensor([[0., .1, .9, .5, .2]]), torch.tensor([[-1, 0, 0, 0, -1]]), [2])
         (tensor([[0, 2, 3, 4]]), tensor([[False, False, False, False]]))
+        >>> select_rows(torch.tensor([[False, True, False, True, False]]), torch.tensor([[-1, 0, 0, 0, -1]]), [2])[0]
+        tensor([[0, 1, 3, 4]])
     """
+    if scores.dtype == torch.bool:
+        scores = scores.float()
     if protected is not None:
         scores = scores.masked_fill(protected, float("inf"))
     chosen = []
@@ -132,6 +141,31 @@ def select_rows(
                 parts.append(mine[ops.topk_keep(scores[b, mine][None], k)[0]])
         chosen.append(torch.cat(parts).sort().values)
     return ops.left_pad(chosen)
+
+
+def dart_rows(keys: torch.Tensor, normed: torch.Tensor, state: SequenceState, keep_of: list[int],
+              pivot_image: int = 4, pivot_text: int = 4) -> torch.Tensor:
+    """DART's keep-mask ``[B, n]``: for each image ``g``, :func:`vtc.ops.dart_select` on the keys ``[B, n, C]``
+    and normed hidden states ``[B, n, D]`` of the current rows, choosing ``keep_of[g]`` less its protected
+    rows among the unprotected ones; the text pivots are the sample's real text rows after the image.
+    The pivots' order follows their positions among the sample's real rows (what the official code,
+    one unpadded sample at a time, calls their indices)."""
+    valid, _ = state.scoring_rows()
+    position = valid.long().cumsum(dim=1) - 1
+    protected = state.protected if state.protected is not None else torch.zeros_like(valid)
+    chosen = torch.zeros_like(valid)
+    index = torch.arange(valid.shape[1], device=valid.device)
+    for b in range(valid.shape[0]):
+        img = state.image_of[b]
+        for g in img[img >= 0].unique().tolist():
+            mine = img == g
+            rows = (mine & ~protected[b]).nonzero()[:, 0]
+            text = ((img == -1) & valid[b] & (index > int(mine.nonzero()[-1, 0]))).nonzero()[:, 0]
+            count = keep_of[g] - int((mine & protected[b]).sum())
+            picked = ops.dart_select(keys[b], normed[b], rows, text, count, int(pivot_image), int(pivot_text),
+                                     positions=position[b])
+            chosen[b, picked] = True
+    return chosen
 
 
 def mask_columns(mask: torch.Tensor | None, valid: torch.Tensor, rows: torch.Tensor, flash: bool,
@@ -190,15 +224,21 @@ class LayerStages:
         state: Callable[[], SequenceState | None],
         decoding: Callable[[], dict | None],
         flash: bool = False,
+        norm: nn.Module | None = None,
     ) -> None:
         self.layers, self.rotary, self.stages = layers, rotary, stages
+        self.norm = norm  # the language model's final norm (DART compares normed hidden states)
         self.flash = flash  # flash attention takes a 2-D padding mask, not a 4-D one
         self.state, self.decoding = state, decoding
         self.by_layer = {s.layer: s for s in stages}
         # Which stage each scoring layer serves. A score for a stage at the same layer is taken
         # on the rows entering it (PyramidDrop); one for a later stage on the rows this layer
         # keeps, i.e. what its attention actually sees (FastV, AIM).
-        self.score_layers = {s.scorer.layers[0]: s for s in stages if s.scorer.kind in SCORERS}
+        self.score_layers = {s.scorer.layers[0]: s for s in stages if s.scorer.kind in (*SCORERS, *SELECTORS)}
+        for s in stages:
+            if s.scorer.kind in SELECTORS and s.scorer.layers[0] >= s.layer:
+                raise UnsupportedConfigurationError(f"{s.scorer.kind} at {s.where} reads an earlier layer's "
+                                                    f"output: score it at a layer before {s.layer}")
         # A score for a later stage is taken after the scoring layer ran, from the q and k
         # projections its own attention computed: scoring then costs no projection.
         self.after_layers = {i: s for i, s in self.score_layers.items() if s.layer > i}
@@ -307,6 +347,15 @@ class LayerStages:
         return scorer(module, hidden, kwargs["position_embeddings"], key_mask=key_mask,
                       projections=projections, **options)
 
+    def _select(self, stage: Stage, module, hidden, output, kwargs, state: SequenceState,
+                projections) -> torch.Tensor:
+        """A selector's keep-mask ``[B, n]`` for ``stage``, from the layer ``module`` before it: its input
+        ``hidden``, its ``output`` and the ``projections`` its attention computed."""
+        keys = ops.layer_keys(module, hidden, kwargs["position_embeddings"], projections)
+        if self.norm is None:
+            raise UnsupportedConfigurationError(f"{stage.scorer.kind} needs the language model's final norm")
+        return dart_rows(keys, self.norm(output), state, state.keep_of[stage.where], **dict(stage.scorer.options))
+
     def _disarm(self) -> None:
         self._armed = None
         self._projections.clear()
@@ -327,7 +376,11 @@ class LayerStages:
             hidden = args[0] if args else kwargs["hidden_states"]
             stage = self.after_layers[index]
             state = self.state()
-            state.scores[stage.layer] = self._score(stage, module, hidden, kwargs, state, projections)
+            if stage.scorer.kind in SELECTORS:
+                output = output[0] if isinstance(output, tuple) else output
+                state.scores[stage.layer] = self._select(stage, module, hidden, output, kwargs, state, projections)
+            else:
+                state.scores[stage.layer] = self._score(stage, module, hidden, kwargs, state, projections)
             return None
 
         return hook

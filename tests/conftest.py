@@ -14,11 +14,12 @@ torch.set_num_threads(1)
 # (biased q/k/v), and the tiled families, whose images differ in size within a batch.
 BACKENDS = [("sdpa", "llama"), ("eager", "llama"), ("sdpa", "qwen2")]
 FAMILIES = [("sdpa", "llama", "llava_next"), ("sdpa", "qwen2", "internvl"), ("eager", "llama", "internvl"),
-            ("sdpa", "qwen2", "qwen2_5_vl"), ("eager", "qwen2", "qwen2_5_vl")]
+            ("sdpa", "qwen2", "qwen2_5_vl"), ("eager", "qwen2", "qwen2_5_vl"),
+            ("sdpa", "qwen2", "llava_onevision"), ("eager", "qwen2", "llava_onevision")]
 # Families whose images differ in size (cases count tokens as fractions of each image).
-TILED = ("llava_next", "internvl", "qwen2_5_vl")
+TILED = ("llava_next", "internvl", "qwen2_5_vl", "llava_onevision")
 # Methods a family's tower cannot serve (no [CLS] token, no square grid, no tiles' regions).
-NO_CLS = ("qwen2_5_vl",)
+NO_CLS = ("qwen2_5_vl", "llava_onevision")
 # Cases of the shared matrix: (method, parameters) at budgets that reduce tokens on the tiny
 # model (16 tokens per image, 6 layers), plus position-policy variants.
 METHODS = {
@@ -64,6 +65,10 @@ def applies(backend: tuple, case: str) -> bool:
     method = METHODS[case][0]
     names = method if isinstance(method, list) else method.split("+")
     untiled = ("pool", "tome")
+    if family == "llava_onevision":
+        # No [CLS] (visionzip scores by received attention), anyres images (pool: videos only, see
+        # tests/test_llava_onevision.py), 1-D positions (compact ones too).
+        return not set(names) & {"vtc_cls", "hired", "pool", "tome"}
     if family in NO_CLS:
         # Qwen2.5-VL keeps 3-D positions and refuses compact ones (tests/test_qwen2_5_vl.py).
         cls = {"vtc_cls", "hired"}  # visionzip scores by the attention patches receive there

@@ -67,6 +67,8 @@ def tiny_model(family: str = "llava", **kwargs):
         >>> type(tiny_model("internvl", layers=1, vision_layers=1)).__name__
         'InternVLForConditionalGeneration'
     """
+    if family == "llava_onevision":
+        return tiny_llava_onevision(**kwargs)
     builders = {"llava": tiny_llava, "llava_next": tiny_llava_next, "internvl": tiny_internvl,
                 "qwen2_5_vl": tiny_qwen2_5_vl}
     if family == "internvl":
@@ -85,6 +87,8 @@ def split_inputs(model, inputs: dict) -> list[dict]:
     cfg = model.config
     if "image_grid_thw" in inputs:
         return _split_qwen(inputs)
+    if cfg.model_type == "llava_onevision":
+        return _split_onevision(model, inputs)
     # How many entries of pixel_values each image takes: one, or (InternVL) one per tile.
     per_image = [[] for _ in inputs["input_ids"]]
     for b, rows in runs(inputs["input_ids"] == cfg.image_token_id):
@@ -127,6 +131,9 @@ def join_inputs(samples: list[dict]) -> dict:
         out["mm_token_type_ids"] = torch.cat([left(s["mm_token_type_ids"]) for s in samples])
     if "image_sizes" in samples[0]:
         out["image_sizes"] = torch.cat([s["image_sizes"] for s in samples])
+    for name in ("batch_num_images", "pixel_values_videos"):  # LLaVA-OneVision
+        if any(name in s for s in samples):
+            out[name] = torch.cat([s[name] for s in samples if name in s])
     return out
 
 
@@ -149,6 +156,8 @@ def tiny_inputs(
     if cfg.model_type in LAYOUTS:
         options = LAYOUTS[cfg.model_type]
         layout = [[options[(b + i) % len(options)] for i in range(images)] for b in range(batch)]
+        if cfg.model_type == "llava_onevision":
+            return onevision_inputs(model, images=layout, text=text, pad=pad, seed=seed)
         if cfg.model_type == "qwen2_5_vl":
             return qwen_inputs(model, images=layout, text=text, pad=pad, seed=seed)
         return tiled_inputs(model, images=layout, text=text, pad=pad, seed=seed)
@@ -300,7 +309,9 @@ def _anyres_grid(config, image: tuple[int, int]) -> tuple[int, int]:
 
 def image_token_count(model, image) -> int:
     """Placeholder tokens for one image: LLaVA-NeXT ``image=(h, w)`` (base + unpadded grid + a newline per row),
-    InternVL ``image=tiles`` (thumbnail included), LLaVA ``config.image_seq_length`` (``image`` ignored).
+    InternVL ``image=tiles`` (thumbnail included), LLaVA ``config.image_seq_length`` (``image`` ignored);
+    LLaVA-OneVision ``image=(h, w)`` alone in its prompt (as LLaVA-NeXT, the unpadded grid downscaled beyond
+    ``anyres_max_N`` tiles' worth).
 
     Example:
         >>> image_token_count(tiny_llava_next(layers=1, vision_layers=1), (56, 112))
@@ -311,7 +322,7 @@ def image_token_count(model, image) -> int:
     cfg = model.config
     if cfg.model_type == "internvl":
         return int(image) * cfg.image_seq_length
-    if cfg.model_type != "llava_next":
+    if cfg.model_type not in ("llava_next", "llava_onevision"):
         return cfg.image_seq_length
     h, w = image
     g = cfg.vision_config.image_size // cfg.vision_config.patch_size
@@ -321,6 +332,12 @@ def image_token_count(model, image) -> int:
         cur_h -= 2 * ((cur_h - int(round(h * (cur_w / w), 7))) // 2)
     else:  # taller: padding columns are removed
         cur_w -= 2 * ((cur_w - int(round(w * (cur_h / h), 7))) // 2)
+    if cfg.model_type == "llava_onevision":  # anyres_max_N: downscaled if over N tiles' worth by more than 1.1x
+        import math
+
+        ratio = math.sqrt(cur_h * cur_w / (int(cfg.vision_aspect_ratio.removeprefix("anyres_max_")) * g * g))
+        if ratio > 1.1:
+            cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
     return g * g + cur_h * cur_w + cur_h
 
 
@@ -536,3 +553,168 @@ def qwen2_5_vl_shaped(*, attn: str = "sdpa", dtype: torch.dtype = torch.float32,
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
                               vision_start_token_id=151652, vision_end_token_id=151653)
     return _instantiate(Qwen2_5_VLForConditionalGeneration, config, attn, dtype)
+
+
+def tiny_llava_onevision(
+    *,
+    layers: int = 6,
+    hidden: int = 64,
+    intermediate: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 128,
+    vision_layers: int = 3,
+    vision_hidden: int = 32,
+    vision_heads: int = 4,
+    tile: int = 70,
+    patch_size: int = 14,
+    aspect: str = "anyres_max_2",
+    text_model: str = "qwen2",
+    attn: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
+    """A randomly initialised ``LlavaOnevisionForConditionalGeneration`` (SigLIP tower without [CLS], anyres
+    tiles capped by ``aspect``, video frames pooled 2x2), in eval mode.
+
+    Tiles are ``tile`` px (5x5 patches by default, an odd grid: a video frame pools to 3x3); the pinpoints
+    ``[[tile, 2 tile], [2 tile, tile], [2 tile, 2 tile]]`` give 1x2, 2x1 and 2x2 grids, and ``anyres_max_2``
+    downscales the 2x2 grid's 10x10 tokens to 7x7 (the model's bilinear downscaling). The image token is the
+    last vocabulary id, the video token the one before; features are the last layer's, every patch.
+
+    Example:
+        >>> m = tiny_llava_onevision(layers=1, vision_layers=1)
+        >>> [image_token_count(m, size) for size in [(70, 140), (140, 140)]], onevision_video_tokens(m, 4)
+        ([80, 81], 37)
+    """
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    vision = SiglipVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads, image_size=tile, patch_size=patch_size, vision_use_head=False,
+    )
+    text = _text_config(text_model, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads,
+                        kv_heads=kv_heads, vocab=vocab)
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=vocab - 1, video_token_index=vocab - 2,
+        image_grid_pinpoints=[[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]],
+        vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio=aspect,
+    )
+    return _instantiate(LlavaOnevisionForConditionalGeneration, config, attn, dtype)
+
+
+def onevision_video_tokens(model, frames: int) -> int:
+    """Placeholder tokens of a LLaVA-OneVision video: each frame's grid pooled 2x2 (rounded up), one newline."""
+    g = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    return frames * (-(-g // 2)) ** 2 + 1
+
+
+def onevision_inputs(
+    model,
+    *,
+    images: list[list[tuple[int, int]]],
+    videos: list[list[int]] | None = None,
+    text: int = 12,
+    pad: list[int] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random left-padded LLaVA-OneVision prompts, as its processor makes them: ``images[b]`` lists sample
+    ``b``'s images ``(h, w)`` (one image: anyres tiles; several: each its base tile and a newline, as
+    ``batch_num_images`` tells the model); ``videos[b]`` the frame counts of its videos, placed after its
+    images (every video of a batch has as many frames). Returns ``input_ids``, ``attention_mask``,
+    ``pixel_values`` (``[images, max tiles, 3, S, S]``, zero-padded), ``image_sizes``, ``batch_num_images``,
+    and with videos ``pixel_values_videos`` (``[videos, frames, 3, S, S]``).
+
+    Example:
+        >>> m = tiny_llava_onevision(layers=1, vision_layers=1)
+        >>> inputs = onevision_inputs(m, images=[[(70, 140)], [(70, 70), (70, 70)]], videos=[[2], []])
+        >>> inputs["pixel_values"].shape[:2], inputs["pixel_values_videos"].shape[:2]
+        (torch.Size([3, 3]), torch.Size([1, 2]))
+    """
+    cfg = model.config
+    token, video = cfg.image_token_id, cfg.video_token_id
+    size = cfg.vision_config.image_size
+    gen = torch.Generator().manual_seed(seed)
+    pad = pad or [0] * len(images)
+    videos = videos or [[] for _ in images]
+    g = size // cfg.vision_config.patch_size
+    seqs = []
+    for sample, clips in zip(images, videos, strict=True):
+        words = torch.randint(3, min(token, video), (text,), generator=gen)
+        pieces, cut = [], torch.linspace(0, text, len(sample) + 2).long().tolist()
+        for i, image in enumerate(sample):
+            count = g * g + 1 if len(sample) > 1 else image_token_count(model, image)
+            pieces += [words[cut[i]: cut[i + 1]], torch.full((count,), token)]
+        pieces += [torch.full((onevision_video_tokens(model, frames),), video) for frames in clips]
+        pieces.append(words[cut[len(sample)]:])
+        seqs.append(torch.cat(pieces))
+    width = max(len(s) + p for s, p in zip(seqs, pad))
+    zeros = [torch.zeros(width - len(s), dtype=torch.long) for s in seqs]
+    out = {"input_ids": torch.stack([torch.cat([z, s]) for z, s in zip(zeros, seqs)]),
+           "attention_mask": torch.stack([torch.cat([z, torch.ones_like(s)]) for z, s in zip(zeros, seqs)])}
+    flat = [(image, len(sample) > 1) for sample in images for image in sample]
+    tiles = [1 if single else 1 + rows * cols
+             for (image, single) in flat for rows, cols in [_anyres_grid(cfg, image)]]
+    pixel = torch.zeros(len(flat), max(tiles, default=1), 3, size, size)
+    for i, n in enumerate(tiles):
+        pixel[i, :n] = torch.randn(n, 3, size, size, generator=gen)
+    out["pixel_values"] = pixel.to(model.dtype)
+    out["image_sizes"] = torch.tensor([image for image, _ in flat], dtype=torch.long).view(-1, 2)
+    out["batch_num_images"] = torch.tensor([len(sample) for sample in images])
+    clips = [frames for sample in videos for frames in sample]
+    if clips:
+        if len(set(clips)) > 1:
+            raise ValueError(f"every video of a batch needs as many frames (one tensor), got {clips}")
+        out["pixel_values_videos"] = torch.randn(len(clips), clips[0], 3, size, size, generator=gen).to(model.dtype)
+    return out
+
+
+def _split_onevision(model, inputs: dict) -> list[dict]:
+    """:func:`split_inputs` for LLaVA-OneVision: each sample's images (``batch_num_images``) and videos."""
+    videos = [0] * inputs["input_ids"].shape[0]
+    for b, _ in runs(inputs["input_ids"] == model.config.video_token_id):
+        videos[b] += 1
+    out, image, video = [], 0, 0
+    for b, n in enumerate(inputs["batch_num_images"].tolist()):
+        real = inputs["attention_mask"][b].bool()
+        sample = {"input_ids": inputs["input_ids"][b: b + 1, real],
+                  "attention_mask": inputs["attention_mask"][b: b + 1, real],
+                  "pixel_values": inputs["pixel_values"][image: image + n],
+                  "image_sizes": inputs["image_sizes"][image: image + n],
+                  "batch_num_images": inputs["batch_num_images"][b: b + 1]}
+        if videos[b]:
+            sample["pixel_values_videos"] = inputs["pixel_values_videos"][video: video + videos[b]]
+        image, video = image + n, video + videos[b]
+        out.append(sample)
+    return out
+
+
+def llava_onevision_shaped(*, width: int = 3584, vision_width: int = 1152, layers: int = 28, vision_layers: int = 26,
+                           head_dim: int = 128, vision_heads: int = 16, attn: str = "sdpa",
+                           dtype: torch.dtype = torch.float32, seed: int = 0):
+    """LLaVA-OneVision-Qwen2-7B's geometry (``llava-hf/llava-onevision-qwen2-7b-ov-hf``; transformers'
+    ``LlavaOnevisionConfig`` defaults): SigLIP-so400m at 384px / patch 14 (27x27 = 729 tokens per tile, no
+    [CLS]), 26 layers read at the last, width 1152 (MLP 4304, 16 heads); anyres pinpoints 384..2304 in steps of
+    384, ``anyres_max_9``; Qwen2-7B (28 layers, width 3584, 28 heads of 128, 4 KV heads, MLP 18944, vocabulary
+    152064). ``width``/``vision_width`` reduce it for benchmarks (heads of ``head_dim``, the KV heads a
+    seventh, MLP ratios kept). Build it under ``torch.device("meta")`` for a plan.
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = llava_onevision_shaped()
+        >>> image_token_count(model, (2304, 2304)), onevision_video_tokens(model, 32)
+        (7371, 6273)
+    """
+    model = tiny_llava_onevision(
+        layers=layers, hidden=width, intermediate=int(width * 18944 / 3584), heads=max(1, width // head_dim),
+        kv_heads=max(1, width // head_dim // 7), vocab=152064, vision_layers=vision_layers,
+        vision_hidden=vision_width, vision_heads=vision_heads, tile=384, patch_size=14, aspect="anyres_max_9",
+        attn=attn, dtype=dtype, seed=seed,
+    )
+    model.config.vision_config.intermediate_size = int(vision_width * 4304 / 1152)
+    model.config.image_grid_pinpoints = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
+    return model
+
+
+LAYOUTS["llava_onevision"] = [(70, 140), (140, 140), (140, 70)]

@@ -75,3 +75,14 @@ class PreLLMTopK(Method):
         if budget is not None:
             return max(1, round(resolve_count(budget, info.image_tokens)))
         return keep_count(self.keep if self.keep is not None else self.default_keep, info.image_tokens)
+
+
+def no_cls_alternatives(info: ModelInfo) -> str:
+    """The methods to name when a [CLS]-attention method is refused on a tower without [CLS].
+
+    Example:
+        >>> no_cls_alternatives(ModelInfo("qwen2_5_vl", 1024, 28, 32, 31, False, received_layer=31))
+        'visionzip (it ranks patches by the attention they receive), fastv, pdrop, random, merge or divprune'
+    """
+    received = "visionzip (it ranks patches by the attention they receive), " if info.received_layer is not None else ""
+    return f"{received}fastv, pdrop, random, merge or divprune"

@@ -8,7 +8,7 @@ from vtc.errors import BudgetError, MethodNotApplicableError, VtcError
 from vtc.plan import ModelInfo, Plan, Scorer, Stage
 from vtc.registry import register_method
 
-from .base import PreLLMTopK
+from .base import PreLLMTopK, no_cls_alternatives
 
 
 @register_method
@@ -55,6 +55,11 @@ class HiRED(PreLLMTopK):
     official: bool = False
 
     def compile(self, info: ModelInfo, budget=None) -> Plan:
+        if not info.has_cls:
+            raise MethodNotApplicableError(
+                f"hired ranks patches by the vision tower's [CLS] attention, and this {info.family} model's tower has "
+                f"no [CLS] token; use {no_cls_alternatives(info)}"
+            )
         if not info.tile_regions:
             raise MethodNotApplicableError(
                 f"hired shares a budget among the tiles of a high-resolution image by the regions they show; "

@@ -8,7 +8,7 @@ from vtc.errors import MethodNotApplicableError, VtcError
 from vtc.plan import ModelInfo, Plan, Scorer, Stage
 from vtc.registry import register_method
 
-from .base import PreLLMTopK
+from .base import PreLLMTopK, no_cls_alternatives
 
 
 def default_start(vision_layers: int, feature_layer: int) -> int:
@@ -55,7 +55,7 @@ class VtcCls(PreLLMTopK):
         if not info.has_cls:
             raise MethodNotApplicableError(
                 f"vtc_cls ranks patches by the vision tower's [CLS] attention, and this {info.family} "
-                f"model's tower has no [CLS] token; use a method that does not need it (fastv, random)"
+                f"model's tower has no [CLS] token; use {no_cls_alternatives(info)}"
             )
         f, depth = info.vision_feature_layer, info.vision_layers
         if self.layers is not None and self.start is not None:

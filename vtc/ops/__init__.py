@@ -5,7 +5,7 @@ attention scores from a module's own projections (:func:`query_attention`,
 :func:`cls_attention`), merging (:func:`bipartite_soft_matching`, :func:`merge_to`,
 :func:`dominant_and_context`; :func:`tome_matching` inside a ViT block) and pooling
 (:func:`pool_grid`); diversity (:func:`divprune_select`, :func:`vispruner_select`,
-:func:`dpp_select` with :func:`instruction_relevance`).
+:func:`dpp_select` with :func:`instruction_relevance`); duplication (:func:`dart_select`).
 
 Example:
     >>> import torch
@@ -15,9 +15,10 @@ Example:
     torch.Size([1, 64, 64])
 """
 
-from .attention import apply_rope, attention_pagerank, cls_attention, query_attention, rotate_half
+from .attention import apply_rope, attention_pagerank, cls_attention, layer_keys, query_attention, rotate_half
 from .diversity import divprune_select, vispruner_select
 from .dpp import dpp_select, instruction_relevance
+from .duplication import dart_select, pivot_shares
 from .merge import bipartite_soft_matching, merge_weighted, tome_matching
 from .reduce import dominant_and_context, hired_official, hired_select, merge_to, pool_grid, share
 from .select import gather_tokens, left_pad, runs, topk_keep
@@ -27,6 +28,7 @@ __all__ = [
     "attention_pagerank",
     "bipartite_soft_matching",
     "cls_attention",
+    "dart_select",
     "divprune_select",
     "dominant_and_context",
     "dpp_select",
@@ -34,9 +36,11 @@ __all__ = [
     "hired_official",
     "hired_select",
     "instruction_relevance",
+    "layer_keys",
     "left_pad",
     "merge_to",
     "merge_weighted",
+    "pivot_shares",
     "pool_grid",
     "query_attention",
     "rotate_half",

@@ -72,6 +72,29 @@ def _rotated_qk(layer: nn.Module, hidden_states: torch.Tensor, position_embeddin
     return apply_rope(q, _rows(cos, rows), _rows(sin, rows)), apply_rope(k, cos, sin)
 
 
+def layer_keys(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    projections: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The keys a decoder ``layer``'s attention computes for its input ``hidden_states`` ``[B, N, D]``:
+    ``input_layernorm``, ``k_proj``, optional ``k_norm`` and RoPE, kv heads concatenated: ``[B, N, g c]``.
+    ``projections``: the layer's own ``(q_proj, k_proj)`` outputs, if its attention already computed them.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+        >>> cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        ...                   intermediate_size=64)
+        >>> layer, h = LlamaDecoderLayer(cfg, 0), torch.randn(1, 5, 32)
+        >>> layer_keys(layer, h, LlamaRotaryEmbedding(cfg)(h, torch.arange(5)[None])).shape
+        torch.Size([1, 5, 16])
+    """
+    _, k = _rotated_qk(layer, hidden_states, position_embeddings, slice(0, 1), projections)
+    return k.transpose(1, 2).flatten(2)
+
+
 def query_attention(
     layer: nn.Module,
     hidden_states: torch.Tensor,

@@ -32,8 +32,8 @@ def _rotate(x):
 
 def official_retained(last_layer_state, any_states, start, length, truncation, pivot_image, pivot_text):
     """``DART.get_retained_image_token`` (L397-450): ``TOKEN_TOPK = ceil(MAX_NUM_TRUNCTION // (pivots))``
-    (L410); keys ``[B, heads, N, hd]`` flattened per token (L420); the image and the tokens after it
-    ranked by the keys' L1 norm (L422-428); pivots walked in the order of ``list(set(...))`` (L429,
+    (L409); keys ``[B, heads, N, hd]`` flattened per token (L419); the image and the tokens after it
+    ranked by the keys' L1 norm (L421-428); pivots walked in the order of ``list(set(...))`` (L429,
     L434), each adding the ``TOKEN_TOPK`` remaining image tokens of lowest cosine similarity on the
     normed hidden states (L435-443); the text pivots removed (L445)."""
     token_topk = truncation // (pivot_image + pivot_text)

@@ -77,7 +77,10 @@ def apply(model: nn.Module, method: str | list[str], budget: int | float | None 
 
 
 def _install(model: nn.Module, adapter, the_plan: Plan):
+    from vtc import _check_transformers
     from vtc.patches.base import Installation
+
+    _check_transformers()  # the hooks need MIN_TRANSFORMERS (import allows less where vLLM serves)
 
     installation = Installation(adapter, the_plan)
     installation.install()

@@ -33,6 +33,8 @@ SCORERS = {"query_attention": ops.query_attention, "pagerank": ops.attention_pag
 # Selectors choose the rows themselves (a boolean keep-mask, not one score per row), from the keys and
 # the output of the layer before their stage (LayerStages._select).
 SELECTORS = ("dart",)
+# Scorers that read the prefill's state: SparseVLM's raters (chosen from the LLM's input embeddings).
+STATE_SCORERS = ("rater_attention",)
 
 
 def check_layer_signature(layer: nn.Module) -> None:
@@ -78,6 +80,8 @@ class SequenceState:
     layer_shift: dict[int, torch.Tensor | int] = field(default_factory=dict)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     kept: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # SparseVLM's raters: for each image (global index), the prefill rows of the text tokens that rate it.
+    raters: dict[int, torch.Tensor] = field(default_factory=dict)
     # Rows at the end of every sample that follow the prompt (assisted decoding's draft tokens,
     # verified in the same forward): never a query or key of scoring, and not the prompt that
     # decode steps continue (trimmed off by :meth:`prompt_only` before the first one).
@@ -168,6 +172,50 @@ def dart_rows(keys: torch.Tensor, normed: torch.Tensor, state: SequenceState, ke
     return chosen
 
 
+def find_raters(hidden: torch.Tensor, state: SequenceState) -> dict[int, torch.Tensor]:
+    """SparseVLM's raters of each image: :func:`vtc.ops.select_raters` on the LLM's input embeddings
+    ``hidden`` ``[B, n, D]`` of the image and of the sample's real text rows after it; returned as
+    prefill row indices (``state.rows``) per global image index."""
+    valid, _ = state.scoring_rows()
+    index = torch.arange(valid.shape[1], device=valid.device)
+    raters = {}
+    for b in range(valid.shape[0]):
+        img = state.image_of[b]
+        for g in img[img >= 0].unique().tolist():
+            mine = img == g
+            text = ((img == -1) & valid[b] & (index > int(mine.nonzero()[-1, 0]))).nonzero()[:, 0]
+            chosen = text[ops.select_raters(hidden[b, mine], hidden[b, text])] if text.numel() else text
+            raters[g] = state.rows[b, chosen]
+    return raters
+
+
+def rater_scores(layer: nn.Module, hidden: torch.Tensor, position_embeddings, state: SequenceState,
+                 projections=None) -> torch.Tensor:
+    """SparseVLM's relevance of every image row ``[B, n]`` (0 elsewhere): the attention of the image's
+    raters (:func:`find_raters`) to it in ``layer`` (:func:`vtc.ops.queries_attention`, from the layer's
+    input ``hidden``), averaged over heads and raters. An image without raters (no text after it) is
+    rated by the sample's last prompt row."""
+    key_mask, last = state.scoring_rows()
+    scores = torch.zeros(hidden.shape[:2], device=hidden.device)
+    bsz = hidden.shape[0]
+
+    def one(t: torch.Tensor, b: int) -> torch.Tensor:
+        return t[b:b + 1] if t.shape[0] == bsz else t
+
+    for b in range(bsz):
+        img = state.image_of[b]
+        for g in img[img >= 0].unique().tolist():
+            rows = torch.isin(state.rows[b], state.raters.get(g, state.rows[b, :0])).nonzero()[:, 0]
+            if rows.numel() == 0:
+                rows = last[b:b + 1]
+            att = ops.queries_attention(layer, hidden[b:b + 1], tuple(one(t, b) for t in position_embeddings),
+                                        rows[None], key_mask[b:b + 1],
+                                        None if projections is None else tuple(p[b:b + 1] for p in projections))
+            mine = (img == g).nonzero()[:, 0]
+            scores[b, mine] = ops.rater_relevance(att[0], mine)
+    return scores
+
+
 def mask_columns(mask: torch.Tensor | None, valid: torch.Tensor, rows: torch.Tensor, flash: bool,
                  new: int = 0, queries: int = 1) -> torch.Tensor:
     """Forbid attending to the keys where ``valid`` ``[B, K]`` is False, in the mask a decoder
@@ -234,7 +282,8 @@ class LayerStages:
         # Which stage each scoring layer serves. A score for a stage at the same layer is taken
         # on the rows entering it (PyramidDrop); one for a later stage on the rows this layer
         # keeps, i.e. what its attention actually sees (FastV, AIM).
-        self.score_layers = {s.scorer.layers[0]: s for s in stages if s.scorer.kind in (*SCORERS, *SELECTORS)}
+        self.score_layers = {s.scorer.layers[0]: s for s in stages
+                             if s.scorer.kind in (*SCORERS, *SELECTORS, *STATE_SCORERS)}
         for s in stages:
             if s.scorer.kind in SELECTORS and s.scorer.layers[0] >= s.layer:
                 raise UnsupportedConfigurationError(f"{s.scorer.kind} at {s.where} reads an earlier layer's "
@@ -243,6 +292,10 @@ class LayerStages:
         # projections its own attention computed: scoring then costs no projection.
         self.after_layers = {i: s for i, s in self.score_layers.items() if s.layer > i}
         self.first = min([*self.by_layer, *self.score_layers]) if stages else len(layers)
+        # SparseVLM's raters are chosen from the LLM's input: the first layer's.
+        self.needs_raters = any(s.scorer.kind == "rater_attention" for s in stages)
+        if self.needs_raters:
+            self.first = 0
         self.handles: list = []
 
     # Per call (per thread): the scoring layer whose projections are being captured, and them.
@@ -287,6 +340,8 @@ class LayerStages:
             )
         kwargs.update(state.overrides)
         hidden = args[0] if args else kwargs["hidden_states"]
+        if index == 0 and self.needs_raters:
+            state.raters = find_raters(hidden, state)
         scoring = self.score_layers.get(index)
         if scoring is not None and scoring.layer == index:
             state.scores[index] = self._score(scoring, module, hidden, kwargs, state)
@@ -339,6 +394,8 @@ class LayerStages:
 
     @staticmethod
     def _score(stage: Stage, module, hidden, kwargs, state: SequenceState, projections=None) -> torch.Tensor:
+        if stage.scorer.kind == "rater_attention":
+            return rater_scores(module, hidden, kwargs["position_embeddings"], state, projections)
         scorer = SCORERS[stage.scorer.kind]
         options = dict(stage.scorer.options)
         key_mask, query = state.scoring_rows()

@@ -26,6 +26,7 @@ METHODS = {
     "fastv": ("fastv", {"budget": 8}),
     "fastv-compact": ("fastv", {"budget": 10, "positions": "compact", "layer": 3}),
     "dart": ("dart", {"budget": 10, "pivot_image": 2, "pivot_text": 2}),
+    "sparsevlm": ("sparsevlm", {"budget": 8}),
     "vtc_cls": ("vtc_cls", {"budget": 6}),
     "vtc_cls-keep": ("vtc_cls", {"budget": 6, "positions": "keep", "layers": (1,)}),
     "random": ("random", {"budget": 5, "seed": 3}),

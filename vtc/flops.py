@@ -12,11 +12,12 @@ Scoring adds, per ``query_attention`` stage, one key projection and one query ro
 token, one causal ``q k^T`` and five passes of ``s M`` over the lower triangle
 (``2 n d (h + g) c + n^2 h c + 5 n^2 h``). Per ``dart`` stage (scored at the layer before, from
 its own keys): RoPE and L1 norms of the keys, the final norm of the layer's output, and each
-pivot's cosine similarity to the image rows (``4 n g c + 4 n d + 2 P N d``). A stage scored at an
-earlier layer reuses that layer's own projections and pays no projection terms (``2 n h c``;
-``n^2 h c + 5 n^2 h``). Per vision layer of a ``cls_attention`` scorer one key projection of the
-tower (``2 N D^2``). Merging and pooling before the LLM are not counted (``O(N^2 C)`` similarity
-at most, small next to the LLM).
+pivot's cosine similarity to the image rows (``4 n g c + 4 n d + 2 P N d``). Per
+``rater_attention`` stage (SparseVLM) the raters' rows of the scoring layer's attention, at most
+``2 t n h c`` for ``t`` text tokens. A stage scored at an earlier layer reuses that layer's own
+projections and pays no projection terms (``2 n h c``; ``n^2 h c + 5 n^2 h``). Per vision layer of
+a ``cls_attention`` scorer one key projection of the tower (``2 N D^2``). Merging and pooling
+before the LLM are not counted (``O(N^2 C)`` similarity at most, small next to the LLM).
 The vision tower and the LM head are the same with and without a method and are not counted.
 """
 
@@ -77,6 +78,9 @@ def scoring_flops(info: ModelInfo, plan: Plan, text: int, images: int | list[int
             n = text + visual[s.scorer.layers[0]]
             pivots = sum(v for k, v in s.scorer.options)
             total += 4 * n * gc + 4 * n * d + 2 * pivots * visual[s.scorer.layers[0]] * d
+        elif s.scorer.kind == "rater_attention":
+            # The raters' query rows (at most the text) against every key, from the scoring layer's own projections.
+            total += 2 * text * (text + visual[s.scorer.layers[0]]) * hc
         elif s.scorer.kind == "cls_attention":
             total += len(s.scorer.layers) * sum(2 * (n + 1) * vision_hidden**2 for n in sizes)
         elif s.scorer.kind == "received_attention":

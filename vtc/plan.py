@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-SCORERS = ("cls_attention", "received_attention", "query_attention", "pagerank", "dart", "random", "keys",
-           "mean_keys", "none")
+SCORERS = ("cls_attention", "received_attention", "query_attention", "pagerank", "dart", "rater_attention", "random",
+           "keys", "mean_keys", "none")
 REDUCERS = ("topk", "merge", "pool", "dominant+context", "hired", "tome", "divprune", "vispruner", "cdpruner")
 POSITIONS = ("keep", "compact")
 
@@ -57,9 +57,10 @@ class Scorer:
     ``layers[0]``, computed from that layer's input. ``random``: a seeded random ranking.
     ``pagerank``: PageRank over LLM layer ``layers[0]``'s causal attention among all tokens
     (AIM). ``dart``: not a ranking but DART's choice of rows, from LLM layer ``layers[0]``'s keys
-    and output (pivots, then the rows least similar to them). ``keys``: not a ranking but a
-    similarity metric for merging, the attention keys of vision layer ``layers[0]``
-    (``mean_keys``: averaged over heads, as VisionZip merges by).
+    and output (pivots, then the rows least similar to them). ``rater_attention``: SparseVLM's
+    relevance, the attention of the image's text raters at LLM layer ``layers[0]``. ``keys``:
+    not a ranking but a similarity metric for merging, the attention keys of vision layer
+    ``layers[0]`` (``mean_keys``: averaged over heads, as VisionZip merges by).
     ``none``: no signal (pooling, merging by features).
 
     Example:
@@ -79,7 +80,7 @@ class Scorer:
     def __str__(self) -> str:
         if self.kind in ("cls_attention", "received_attention"):
             return f"{self.kind}@vision{list(self.layers)}"
-        if self.kind in ("query_attention", "pagerank", "dart"):
+        if self.kind in ("query_attention", "pagerank", "dart", "rater_attention"):
             return f"{self.kind}@L{self.layers[0]}"
         if self.kind in ("keys", "mean_keys"):
             return f"{self.kind}@vision[{self.layers[0]}]"

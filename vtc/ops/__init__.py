@@ -5,7 +5,8 @@ attention scores from a module's own projections (:func:`query_attention`,
 :func:`cls_attention`), merging (:func:`bipartite_soft_matching`, :func:`merge_to`,
 :func:`dominant_and_context`; :func:`tome_matching` inside a ViT block) and pooling
 (:func:`pool_grid`); diversity (:func:`divprune_select`, :func:`vispruner_select`,
-:func:`dpp_select` with :func:`instruction_relevance`); duplication (:func:`dart_select`).
+:func:`dpp_select` with :func:`instruction_relevance`); duplication (:func:`dart_select`);
+text relevance (:func:`select_raters`, :func:`rater_relevance`, :func:`queries_attention`).
 
 Example:
     >>> import torch
@@ -15,12 +16,21 @@ Example:
     torch.Size([1, 64, 64])
 """
 
-from .attention import apply_rope, attention_pagerank, cls_attention, layer_keys, query_attention, rotate_half
+from .attention import (
+    apply_rope,
+    attention_pagerank,
+    cls_attention,
+    layer_keys,
+    queries_attention,
+    query_attention,
+    rotate_half,
+)
 from .diversity import divprune_select, vispruner_select
 from .dpp import dpp_select, instruction_relevance
 from .duplication import dart_select, pivot_shares
 from .merge import bipartite_soft_matching, merge_weighted, tome_matching
 from .reduce import dominant_and_context, hired_official, hired_select, merge_to, pool_grid, share
+from .relevance import rater_relevance, select_raters
 from .select import gather_tokens, left_pad, runs, topk_keep
 
 __all__ = [
@@ -42,9 +52,12 @@ __all__ = [
     "merge_weighted",
     "pivot_shares",
     "pool_grid",
+    "queries_attention",
     "query_attention",
+    "rater_relevance",
     "rotate_half",
     "runs",
+    "select_raters",
     "share",
     "tome_matching",
     "topk_keep",

@@ -144,6 +144,44 @@ def query_attention(
     return _mean_head_softmax(logits, key_mask)
 
 
+def queries_attention(
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_rows: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    projections: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Attention of several query tokens to every key, as decoder ``layer`` computes it: the rows
+    ``query_rows`` ``[B, r]`` of its causal attention probabilities (softmax over the keys allowed by
+    ``key_mask`` and causality), averaged over heads, ``[B, r, N]``. As :func:`query_attention`, from
+    the layer's own norm, projections (or ``projections``, if its attention computed them) and RoPE;
+    no ``N x N`` matrix.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+        >>> cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        ...                   intermediate_size=64)
+        >>> layer, h = LlamaDecoderLayer(cfg, 0), torch.randn(1, 5, 32)
+        >>> rope = LlamaRotaryEmbedding(cfg)(h, torch.arange(5)[None])
+        >>> att = queries_attention(layer, h, rope, torch.tensor([[2, 4]]))
+        >>> att.shape, bool(att[0, 0, 3:].sum() == 0)
+        (torch.Size([1, 2, 5]), True)
+    """
+    bsz, n, _ = hidden_states.shape
+    rows = query_rows.to(hidden_states.device).long().expand(bsz, -1)
+    q, k = _rotated_qk(layer, hidden_states, position_embeddings, rows, projections)
+    hd, heads, kv_heads, r = q.shape[-1], q.shape[1], k.shape[1], rows.shape[1]
+    logits = torch.matmul(q.reshape(bsz, kv_heads, heads // kv_heads * r, hd), k.transpose(-1, -2))
+    logits = logits.view(bsz, heads, r, n).float() * layer.self_attn.scaling
+    allowed = torch.arange(n, device=rows.device)[None, None] <= rows[:, :, None]  # [B, r, N]
+    if key_mask is not None:
+        allowed = allowed & key_mask.bool()[:, None, :]
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
 def cls_attention(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """Attention of the [CLS] token (position 0) to every token of a ViT attention module.
 

@@ -1,6 +1,7 @@
 """Prefill benchmark: a method's wall-clock time against the *ideal* time for the same
 per-layer token counts, on a LLaVA-1.5-shaped (576 visual tokens) or LLaVA-NeXT-shaped
-(one 672x672 image: 2,928 tokens) model of reduced width (random weights).
+(one 672x672 image: 2,928 tokens) or LLaVA-OneVision-shaped (one 768x768 image: 3,699 tokens; or
+``--video`` frames of 196 tokens each) model of reduced width (random weights).
 
 For the unpatched model and each method at each budget it prints: prefill time (median of
 interleaved rounds), the ideal time (the vision tower and the unpatched decoder layers run
@@ -10,6 +11,7 @@ memory above the weights.
 
     python scripts/bench_prefill.py                     # CPU, float32, sdpa
     python scripts/bench_prefill.py --family llava_next --budgets 1.0,0.5,0.25,0.1
+    python scripts/bench_prefill.py --family llava_onevision --layers 28 --budgets 0.5,0.1 [--video 32]
     python scripts/bench_prefill.py --device cuda --dtype bfloat16 --width 4096 --vision-width 1024
 """
 
@@ -24,9 +26,19 @@ import torch
 
 import vtc
 from vtc.eval.cost import interleaved_medians, peak_memory_bytes, timed
-from vtc.testing import image_token_count, llava15_shaped, llava_next_shaped, tiled_inputs, tiny_inputs
+from vtc.testing import (
+    image_token_count,
+    llava15_shaped,
+    llava_next_shaped,
+    llava_onevision_shaped,
+    onevision_inputs,
+    onevision_video_tokens,
+    tiled_inputs,
+    tiny_inputs,
+)
 
-IMAGE = {"llava_next": (672, 672)}  # LLaVA-NeXT's largest square image: a base image and 2x2 tiles
+IMAGE = {"llava_next": (672, 672),  # LLaVA-NeXT's largest square image: a base image and 2x2 tiles
+         "llava_onevision": (768, 768)}  # LLaVA-OneVision: a base tile and 2x2 tiles (54x54 tokens, no downscaling)
 
 
 def ideal_prefill(model, inputs, lengths: list[int]):
@@ -44,10 +56,15 @@ def ideal_prefill(model, inputs, lengths: list[int]):
 
     @torch.no_grad()
     def run():
-        images = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
-        feats = torch.cat(list(base.get_image_features(**images).pooler_output))
         h = base.get_input_embeddings()(inputs["input_ids"])
-        h = h.masked_scatter((inputs["input_ids"] == model.config.image_token_id)[..., None], feats)
+        if "pixel_values_videos" in inputs:  # LLaVA-OneVision's video: its frames pooled, a newline
+            feats = base.get_video_features(inputs["pixel_values_videos"]).pooler_output.flatten(0, 1)
+            token = model.config.video_token_id
+        else:
+            images = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes", "batch_num_images")}
+            feats = torch.cat(list(base.get_image_features(**images).pooler_output))
+            token = model.config.image_token_id
+        h = h.masked_scatter((inputs["input_ids"] == token)[..., None], feats)
         for layer, n in zip(lm.layers, lengths):
             if h.shape[1] != n:
                 h = h[:, -n:]
@@ -61,7 +78,8 @@ def ideal_prefill(model, inputs, lengths: list[int]):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(vtc.list_methods(standalone=True)))
-    p.add_argument("--family", default="llava", choices=["llava", "llava_next"])
+    p.add_argument("--family", default="llava", choices=["llava", "llava_next", "llava_onevision"])
+    p.add_argument("--video", type=int, default=0, help="llava_onevision: a video of this many frames, no image")
     p.add_argument("--budgets", default="576,288,144,64", help="counts, or fractions with a point (0.25)")
     p.add_argument("--width", type=int, default=256, help="LLM hidden size (LLaVA-1.5-7B: 4096)")
     p.add_argument("--vision-width", type=int, default=256, help="vision hidden size (CLIP-L: 1024)")
@@ -77,15 +95,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    build = llava15_shaped if args.family == "llava" else llava_next_shaped
+    build = {"llava": llava15_shaped, "llava_next": llava_next_shaped, "llava_onevision": llava_onevision_shaped}
+    build = build[args.family]
     model = build(width=args.width, vision_width=args.vision_width, layers=args.layers, attn=args.attn,
                   dtype=getattr(torch, args.dtype), head_dim=args.head_dim).to(args.device)
     if args.family == "llava":
         inputs = tiny_inputs(model, text=args.text)
+    elif args.family == "llava_onevision":
+        images = [[]] if args.video else [[IMAGE[args.family]]]
+        inputs = onevision_inputs(model, images=images, videos=[[args.video]] if args.video else None, text=args.text)
+        if args.video:
+            inputs = {k: v for k, v in inputs.items() if k not in ("pixel_values", "image_sizes", "batch_num_images")}
     else:
         inputs = tiled_inputs(model, images=[[IMAGE[args.family]]], text=args.text)
     inputs = {k: v.to(args.device) for k, v in inputs.items()}
-    image_tokens = image_token_count(model, IMAGE.get(args.family))
+    if args.video:
+        image_tokens = onevision_video_tokens(model, args.video)
+    else:
+        image_tokens = image_token_count(model, IMAGE.get(args.family))
     text = inputs["input_ids"].shape[1] - image_tokens
     configs = {"unpatched": (None, None)}
     for method in args.methods.split(","):
@@ -112,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             flops = flops_full = None
         else:
             plan = vtc.plan(model, method, budget=budget)
-            lengths = [text + n for n in plan.tokens_per_layer()]
+            lengths = [text + n for n in plan.tokens_per_layer(image_tokens)]  # an image smaller than the plan's
             with vtc.compressed(model, method, budget=budget), torch.no_grad():
                 model(**inputs, logits_to_keep=1)
                 stats = vtc.stats(model)
@@ -142,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# prefill benchmark, {date.today()}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}, {args.dtype}, "
           f"{args.attn}")
-    shape = "LLaVA-1.5" if args.family == "llava" else "LLaVA-NeXT"
+    shape = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}[args.family]
     print(f"# {shape} shape at width {args.width} (vision {args.vision_width}), {args.layers} layers, head size "
           f"{args.head_dim}, "
           f"{image_tokens} visual + {text} text tokens, medians of {args.rounds} interleaved rounds")

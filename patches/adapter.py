@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vtc import ops
+from vtc.errors import MethodNotApplicableError
 from vtc.plan import ModelInfo
 
 
@@ -199,6 +200,17 @@ class Adapter:
         layer = self.model.config.vision_feature_layer if layer is None else layer
         states = getattr(out, "hidden_states", None)
         return states[layer] if isinstance(layer, int) and states is not None else None
+
+    def downsample(self, arguments: dict, keep_for) -> tuple[dict, list[torch.Tensor], list[int]]:
+        """For a ``downsample`` stage: the image encoder's ``arguments`` with each image resized so that the
+        tower itself gives at most ``keep_for(n)`` tokens for an image of ``n``; per encoder output entry, the
+        original token at the centre of each new token (ascending); and each entry's original token count.
+        Families whose tower takes fixed-size tiles chosen by the processor refuse."""
+        raise MethodNotApplicableError(
+            f"downsample resizes an image so that the vision tower gives fewer tokens; {self.family} cuts images "
+            f"into fixed-size tiles its processor chooses: give the processor a smaller image or fewer tiles, or "
+            f"use a method that reduces after the tower (pool, merge, divprune)"
+        )
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The model's projector applied to tower features ``[..., C]`` (what :meth:`pre_projector`

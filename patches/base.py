@@ -45,6 +45,8 @@ SIGNALS_ATTR = "vtc_signals"
 # Set on a cache (``cache.__dict__``) by the prefill that filled it: what decode steps and later
 # turns over that cache need (see :meth:`Installation._decode_step`).
 CACHE_ATTR = "_vtc"
+# Set on the vision output under a ``downsample`` stage: per entry, each feature's original token (-1: padding).
+DOWNSAMPLED_ATTR = "vtc_downsampled"
 
 
 class Installation:
@@ -113,6 +115,12 @@ class Installation:
                 )
         # Stages that weigh tokens by the instruction's embeddings (CDPruner).
         self.needs_text = any(s.reducer == "cdpruner" for s in self.vision_stages)
+        # A stage that resizes the images so that the tower itself gives fewer tokens (downsample).
+        self.resize = next((s for s in self.vision_stages if s.reducer == "downsample"), None)
+        if self.resize is not None and len(self.vision_stages) > 1:
+            raise UnsupportedConfigurationError(
+                "downsample changes the image the vision tower sees, so no other stage can reduce before the LLM; "
+                "combine it with in-LLM methods only")
         self.needs_tower = bool(self.cls_layers or self.recv_layers or self.key_layers or self.mean_key_layers)
 
     # -- install / remove --------------------------------------------------------------
@@ -123,7 +131,8 @@ class Installation:
                 self._wrap(self.model, "generate", self._generate_wrapper)
             self._handles.append(self.model.register_forward_pre_hook(self._take_labels, with_kwargs=True))
             self._handles.append(self.model.register_forward_hook(self._loss, with_kwargs=True))
-            if self.needs_tower or self.needs_hidden or self.adapter.has_layout or self.tower is not None:
+            wrap = self.needs_tower or self.needs_hidden or self.adapter.has_layout
+            if wrap or self.tower is not None or self.resize is not None:
                 self._wrap(self.base, "get_image_features", self._features_wrapper)
                 if self.adapter.video_token_id is not None:  # a video's tower signals, read the same way
                     self._wrap(self.base, "get_video_features", self._features_wrapper)
@@ -412,7 +421,8 @@ class Installation:
         # without the attribute: then the latest encoding's record is searched by content.
         captured = getattr(out, SIGNALS_ATTR, None) or self._signals or {}
         per_entry = [_lookup(captured, e) for e in entries]
-        if (self.needs_tower or self.tower is not None) and any(sig is None for sig in per_entry):
+        in_tower = self.needs_tower or self.tower is not None or self.resize is not None
+        if in_tower and any(sig is None for sig in per_entry):
             raise VtcError(
                 "this method reads the vision tower's attention while it runs: pass pixel_values (not "
                 "precomputed image features) with vtc applied"
@@ -438,14 +448,16 @@ class Installation:
 
     def _reduce_images(self, i: int, stage: Stage, images: list[Image]) -> list[torch.Tensor]:
         """Run vision stage ``i`` on every image (images of one size together); returns what each keeps."""
-        if stage.reducer == "tome":
+        if stage.reducer in ("tome", "downsample"):  # reduced in the tower: features arrive padded
             # Merged inside the tower: the features came padded to the placeholder count (-1 sources).
             # An image keeps one placeholder row per feature, the rows of the features' lowest original
             # patches (all its rows are consecutive, so which ones is moot).
             for im in images:
                 sources = im.signals["tome.index"]
                 k = int((sources >= 0).sum())
-                if k != im.keeps[i]:
+                if stage.reducer == "downsample":  # whole grid rows and columns: at most the plan's count
+                    im.keeps[i:] = [min(x, k) for x in im.keeps[i:]]
+                elif k != im.keeps[i]:
                     raise VtcError(f"tome: the tower gave {k} features for an image, the plan {im.keeps[i]}; "
                                    f"apply tome to the model that encodes the images")
                 im.feats, im.index = im.feats[:k], sources[:k].sort().values
@@ -603,13 +615,27 @@ class Installation:
 
         return hook
 
+    def _encode(self, original, signature, args, kwargs):
+        """Run the wrapped encoder. Under a ``downsample`` stage the adapter resizes the images first, so the
+        tower gives fewer tokens; the features are padded to each image's placeholder count (which generate
+        counts to expand them for beams, as ``tome``'s) and each one's original token is recorded."""
+        if self.resize is None:
+            return original(*args, **kwargs)
+        arguments = signature.bind(*args, **kwargs).arguments
+        arguments = {**arguments.pop("kwargs", {}), **arguments}
+        call, sources, counts = self.adapter.downsample(arguments, lambda n: self.active_plan.keeps_for(n)[0])
+        out = original(**call)
+        out.pooler_output = self.adapter.pooler_output([padded(e, c) for e, c in zip(out.pooler_output, counts)])
+        setattr(out, DOWNSAMPLED_ATTR, [padded(s[:, None], c, -1)[:, 0] for s, c in zip(sources, counts)])
+        return out
+
     def _features_wrapper(self, original):
         signature = inspect.signature(original)
 
         @functools.wraps(original)
         def get_image_features(*args, **kwargs):
             self._captured.clear()
-            out = original(*args, **kwargs)
+            out = self._encode(original, signature, args, kwargs)
             arguments = signature.bind(*args, **kwargs).arguments
             arguments = {**arguments.pop("kwargs", {}), **arguments}
             signals: dict[str, list[torch.Tensor]] = {}
@@ -637,6 +663,8 @@ class Installation:
                 signals["tome.index"] = [padded(s[:, None], self.info.image_tokens, -1)[:, 0] for s in sources]
                 out.pooler_output = self.adapter.pooler_output(
                     [padded(e, self.info.image_tokens) for e in out.pooler_output])
+            if self.resize is not None:
+                signals["tome.index"] = getattr(out, DOWNSAMPLED_ATTR)
             layout = self.adapter.layout(arguments)
             entries = list(out.pooler_output)
             per_entry = [{k: v[i] for k, v in signals.items()} for i in range(len(entries))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from vtc import ops
 from vtc.errors import MethodNotApplicableError
 from vtc.plan import ModelInfo
 from vtc.registry import register_adapter
@@ -69,11 +70,34 @@ class LlavaAdapter(Adapter):
             vision_layers=vcfg.num_hidden_layers,
             vision_feature_layer=feature_layer_index(self._feature_layer(), vcfg.num_hidden_layers),
             has_cls=True,
+            resizable=self._resizable(),
             **self.text_sizes(),
         )
 
     def vision_hidden_size(self) -> int:
         return self.model.config.vision_config.hidden_size
+
+    def _resizable(self) -> bool:
+        """Whether the tower can encode a smaller image whose patch tokens are the features (``downsample``)."""
+        cfg = self.model.config
+        return isinstance(cfg.vision_feature_layer, int) and cfg.vision_feature_select_strategy == "default"
+
+    def downsample(self, arguments: dict, keep_for) -> tuple[dict, list[torch.Tensor], list[int]]:
+        """LLaVA-1.5's tower takes one fixed size (336px): the processed image is resized (bicubic) to the
+        patch grid :func:`vtc.ops.downsampled_grid` gives for the budget, and the tower interpolates its
+        position embeddings to that grid (``interpolate_pos_encoding``), so it gives that many tokens."""
+        if self.feature_strategy(arguments) != "default":
+            raise MethodNotApplicableError(
+                "downsample needs the features to be the tower's patch tokens (vision_feature_select_strategy "
+                "'default'); this model also feeds the [CLS] token: use pool")
+        vcfg = self.model.config.vision_config
+        side, patch = vcfg.image_size // vcfg.patch_size, vcfg.patch_size
+        rows, cols = ops.downsampled_grid(side, side, keep_for(side * side))
+        pixels = arguments["pixel_values"]
+        call = {**arguments, "pixel_values": ops.resize_images(pixels, rows * patch, cols * patch),
+                "interpolate_pos_encoding": True}
+        centres = ops.grid_centres(side, side, rows, cols, device=pixels.device)
+        return call, [centres] * pixels.shape[0], [side * side] * pixels.shape[0]
 
     def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
         return list(self.without_cls(per_token, arguments))

@@ -15,6 +15,7 @@ import torch
 from vtc.plan import ModelInfo
 from vtc.registry import register_adapter
 
+from .adapter import Adapter
 from .llava import LlavaAdapter
 
 
@@ -58,6 +59,12 @@ class LlavaNextAdapter(LlavaAdapter):
         packed, _ = self.base().pack_image_features(parts, sizes, self.feature_strategy(arguments),
                                                     image_newline=newline)
         return packed
+
+    def _resizable(self) -> bool:
+        return False  # tiles of the tower's fixed size, chosen by the processor (image_grid_pinpoints)
+
+    def downsample(self, arguments: dict, keep_for):
+        return Adapter.downsample(self, arguments, keep_for)
 
     def patch_tokens(self, per_token: torch.Tensor, arguments: dict) -> list[torch.Tensor]:
         tokens = self.without_cls(per_token, arguments)

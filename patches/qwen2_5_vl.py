@@ -38,7 +38,7 @@ import inspect
 import torch
 
 from vtc import ops
-from vtc.errors import UnsupportedConfigurationError
+from vtc.errors import MethodNotApplicableError, UnsupportedConfigurationError
 from vtc.plan import ModelInfo, Plan
 from vtc.registry import register_adapter
 
@@ -73,6 +73,7 @@ class Qwen2_5_VLAdapter(Adapter):
             vision_feature_layer=depth - 1,
             has_cls=False,
             tiled=True,  # images of different sizes, not one square grid
+            resizable=True,
             # The last full-attention block: every patch attends to its whole image there.
             received_layer=max((i for i in self.model.config.vision_config.fullatt_block_indexes if i < depth),
                                default=None),
@@ -157,6 +158,36 @@ class Qwen2_5_VLAdapter(Adapter):
         x = x.reshape(-1, unit, x.shape[-1]).mean(dim=1)[torch.argsort(window_index.to(x.device))]
         entries = x.split((grid.prod(-1) // unit).tolist())
         return [e[:, 0] if scalar else e for e in entries]
+
+    def downsample(self, arguments: dict, keep_for) -> tuple[dict, list[torch.Tensor], list[int]]:
+        """Each image rebuilt from its patches, resized (bicubic) to the merged-token grid
+        :func:`vtc.ops.downsampled_grid` gives for its budget, and cut into patches again as the processor
+        does (``image_grid_thw`` to match), as VTC-Bench resizes the image before the processor. Video refused."""
+        if "image_grid_thw" not in arguments:
+            raise MethodNotApplicableError("downsample resizes images only: pass video without it, or use another "
+                                           "method for the video")
+        visual = self.base().visual
+        m, p = visual.spatial_merge_size, visual.patch_size
+        tp = self.model.config.vision_config.temporal_patch_size
+        pixels, grids, sources, counts, start = [], [], [], [], 0
+        for t, h, w in arguments["image_grid_thw"].tolist():
+            x = arguments["pixel_values"][start: start + t * h * w]
+            start += t * h * w
+            channels = x.shape[-1] // (tp * p * p)
+            # The processor's patch order: (t, rows/m, cols/m, m, m) x (C, tp, p, p).
+            image = x.reshape(t, h // m, w // m, m, m, channels, tp, p, p).permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
+            image = image.reshape(t * tp, channels, h * p, w * p)
+            rows, cols = h // m, w // m
+            new_rows, new_cols = ops.downsampled_grid(rows, cols, max(1, keep_for(t * rows * cols) // t))
+            image = ops.resize_images(image, new_rows * m * p, new_cols * m * p)
+            image = image.reshape(t, tp, channels, new_rows, m, p, new_cols, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+            pixels.append(image.reshape(t * new_rows * m * new_cols * m, -1))
+            grids.append([t, new_rows * m, new_cols * m])
+            centres = ops.grid_centres(rows, cols, new_rows, new_cols, device=x.device)
+            sources.append(torch.cat([centres + f * rows * cols for f in range(t)]))
+            counts.append(t * rows * cols)
+        grid = torch.tensor(grids, dtype=arguments["image_grid_thw"].dtype, device=arguments["image_grid_thw"].device)
+        return {**arguments, "pixel_values": torch.cat(pixels), "image_grid_thw": grid}, sources, counts
 
     def pre_projector(self, out, arguments: dict):
         # The merger reads 2x2 groups of patches: no per-token tower features.

@@ -13,7 +13,8 @@ from typing import Literal
 
 SCORERS = ("cls_attention", "received_attention", "query_attention", "pagerank", "dart", "rater_attention", "random",
            "keys", "mean_keys", "none")
-REDUCERS = ("topk", "merge", "pool", "dominant+context", "hired", "tome", "divprune", "vispruner", "cdpruner")
+REDUCERS = ("topk", "merge", "pool", "dominant+context", "hired", "tome", "divprune", "vispruner", "cdpruner",
+            "downsample")
 POSITIONS = ("keep", "compact")
 
 
@@ -46,6 +47,8 @@ class ModelInfo:
     # A tower without [CLS] (Qwen2.5-VL): the vision layer whose attention received per patch (averaged
     # over queries and heads) the adapter can read as a score (``received_attention``), or None.
     received_layer: int | None = None
+    # The tower can encode the image at a smaller size, giving fewer tokens itself (``downsample``).
+    resizable: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,8 +164,9 @@ class Plan:
     def __post_init__(self) -> None:
         last_layer, kept, seen_layer = -1, self.image_tokens, False
         for s in self.stages:
-            if s.reducer == "tome" and s is not self.stages[0]:
-                raise ValueError("a tome stage merges inside the vision tower: it must be the plan's first stage")
+            if s.reducer in ("tome", "downsample") and s is not self.stages[0]:
+                raise ValueError(f"a {s.reducer} stage changes what the vision tower computes: it must be the plan's "
+                                 f"first stage")
             if s.layer is None:
                 if seen_layer:
                     raise ValueError("vision stages must come before layer stages")

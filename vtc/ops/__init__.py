@@ -5,7 +5,8 @@ attention scores from a module's own projections (:func:`query_attention`,
 :func:`cls_attention`), merging (:func:`bipartite_soft_matching`, :func:`merge_to`,
 :func:`dominant_and_context`; :func:`tome_matching` inside a ViT block) and pooling
 (:func:`pool_grid`); diversity (:func:`divprune_select`, :func:`vispruner_select`,
-:func:`dpp_select` with :func:`instruction_relevance`); duplication (:func:`dart_select`);
+:func:`dpp_select` with :func:`instruction_relevance`); the image resized for the tower
+(:func:`resize_images`, :func:`downsampled_grid`, :func:`grid_centres`); duplication (:func:`dart_select`);
 text relevance (:func:`select_raters`, :func:`rater_relevance`, :func:`queries_attention`).
 
 Example:
@@ -31,6 +32,7 @@ from .duplication import dart_select, pivot_shares
 from .merge import bipartite_soft_matching, merge_weighted, tome_matching
 from .reduce import dominant_and_context, hired_official, hired_select, merge_to, pool_grid, share
 from .relevance import rater_relevance, select_raters
+from .resize import downsampled_grid, grid_centres, resize_images
 from .select import gather_tokens, left_pad, runs, topk_keep
 
 __all__ = [
@@ -41,8 +43,10 @@ __all__ = [
     "dart_select",
     "divprune_select",
     "dominant_and_context",
+    "downsampled_grid",
     "dpp_select",
     "gather_tokens",
+    "grid_centres",
     "hired_official",
     "hired_select",
     "instruction_relevance",
@@ -54,6 +58,7 @@ __all__ = [
     "pool_grid",
     "queries_attention",
     "query_attention",
+    "resize_images",
     "rater_relevance",
     "rotate_half",
     "runs",

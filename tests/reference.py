@@ -69,7 +69,8 @@ def reference_logits(
     image[:, prompt:] = False  # the prompt's; a generated one is a plain token
     embeds = embeds.masked_scatter(image.unsqueeze(-1), feats.to(embeds.dtype))
     if pixel_values_videos is not None:  # Qwen2.5-VL's videos
-        feats = torch.cat(list(model.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output))
+        feats = torch.cat(list(model.model.get_video_features(  # LLaVA-OneVision's takes no grid
+            pixel_values_videos, **({} if video_grid_thw is None else {"video_grid_thw": video_grid_thw})).pooler_output))
         video = input_ids == model.config.video_token_id
         video[:, prompt:] = False
         embeds = embeds.masked_scatter(video.unsqueeze(-1), feats.to(embeds.dtype))

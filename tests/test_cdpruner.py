@@ -31,8 +31,8 @@ def _model(attn: str):
 def official_cdpruner(image_features, image_embeds, text_embeds, visual_token_num: int, negative: bool = True):
     """``llava_arch.py`` ``encode_images``: cosine similarity of the projected features in float (L150-153);
     relevance = mean over text embeddings of the (negated, L159) cosine similarity, min-max normalized
-    with ``+ 1e-6`` (L155-160); kernel ``r_i S_ij r_j`` (L167); fast greedy MAP inference (L169-183); the
-    picks sorted (L185)."""
+    with ``+ 1e-6`` (L155-160); kernel ``r_i S_ij r_j`` (L167); fast greedy MAP inference (L169-182); the
+    picks sorted (L183)."""
     B, N, _ = image_features.shape
     image_normalized = image_features / image_features.norm(dim=-1, keepdim=True)
     image_normalized = image_normalized.float()

@@ -29,9 +29,9 @@ def _model(attn: str):
 def official_vispruner(model, pixel_values, visual_token_num: int, important_ratio: float):
     """``clip_encoder.py``: features ``hidden_states[select_layer][:, 1:]`` and attentions
     ``attentions[select_layer][:, :, 0, 1:]`` (L35-52); ``llava_arch.py`` ``encode_images``: head mean and
-    descending argsort (L153-157), important ``int(T * r)`` (L147-149), duplicates removed in rounds of
-    ``r = min(8, R - T_div)`` over even/odd halves of the residual list (L159-175), the selection as a mask
-    (L177-183), features projected after (L185). Returns the kept indices and the projected features."""
+    descending argsort (L153-157), important ``int(T * r)`` (L150-151), duplicates removed in rounds of
+    ``r = min(8, R - T_div)`` over even/odd halves of the residual list (L159-176), the selection as a mask
+    (L178-183), features projected after (L185). Returns the kept indices and the projected features."""
     eager = _model("eager")
     layer = model.config.vision_feature_layer
     with torch.no_grad():

@@ -45,8 +45,6 @@ __all__ = [
     "dominant_and_context",
     "downsampled_grid",
     "dpp_select",
-    "downsampled_grid",
-    "dpp_select",
     "gather_tokens",
     "grid_centres",
     "hired_official",

@@ -33,6 +33,7 @@ from vtc.registry import get_adapter, get_method
 # LLaVA-1.5's literature budgets, 192/128/64 of 576, as fractions so they carry to any model.
 DEFAULT_BUDGETS = (192 / 576, 128 / 576, 64 / 576)
 TOY_MODEL = "toy"
+TOY_MODELS = {"toy": "llava", "toy-qwen": "qwen2_5_vl"}  # --model name -> the family of a bundled toy
 
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -81,11 +82,17 @@ def _count(value, key: str, minimum: int = 1) -> int:
 
 
 def model_path(model: str) -> str:
-    """Where a ``--model`` loads from: the bundled toy model's folder for ``toy``, else as given."""
-    if model == TOY_MODEL:
-        from vtc.eval.toy import MODEL_PATH
+    """Where a ``--model`` loads from: the bundled toy model's folder for ``toy`` (LLaVA-1.5 format) and
+    ``toy-qwen`` (Qwen2.5-VL format), else as given.
 
-        return str(MODEL_PATH)
+    Example:
+        >>> model_path("toy-qwen").endswith("model-qwen")
+        True
+    """
+    if model in TOY_MODELS:
+        from vtc.eval.toy import MODEL_PATHS
+
+        return str(MODEL_PATHS[TOY_MODELS[model]])
     return model
 
 

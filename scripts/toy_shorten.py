@@ -59,22 +59,26 @@ def choose(rng: random.Random, gen: torch.Generator, shapes: torch.Tensor, k: in
     return score.topk(k).indices
 
 
-def assign(feats: torch.Tensor, targets: torch.Tensor, spatial: bool) -> torch.Tensor:
+def assign(
+    feats: torch.Tensor, targets: torch.Tensor, spatial: bool, grid: tuple[int, int] = (GRID, GRID)
+) -> torch.Tensor:
     """Index into ``targets`` of the target each patch joins: most similar feature (cosine), or
-    nearest in the grid."""
+    nearest in the ``(rows, cols)`` grid."""
     if spatial:
-        yx = torch.stack(torch.meshgrid(torch.arange(GRID), torch.arange(GRID), indexing="ij"), -1).reshape(-1, 2)
+        yx = torch.stack(torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij"), -1).reshape(-1, 2)
         d = torch.cdist(yx.float(), yx[targets].float())
         return d.argmin(-1)
     f = torch.nn.functional.normalize(feats, dim=-1)
     return (f @ f[targets].T).argmax(-1)
 
 
-def merge_rows(feats: torch.Tensor, targets: torch.Tensor, spatial: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_rows(
+    feats: torch.Tensor, targets: torch.Tensor, spatial: bool, grid: tuple[int, int] = (GRID, GRID)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every patch averaged into its target's group (size-weighted mean, as ToMe's merges
     end up): rows over ``[CLS] + patches`` in the targets' raster order."""
     targets = targets.sort().values
-    group = assign(feats, targets, spatial)
+    group = assign(feats, targets, spatial, grid)
     group[targets] = torch.arange(len(targets))  # a target always stays in its own group
     n = feats.shape[0]
     w = torch.zeros(len(targets), n + 1)
@@ -82,16 +86,17 @@ def merge_rows(feats: torch.Tensor, targets: torch.Tensor, spatial: bool) -> tup
     return w / w.sum(-1, keepdim=True), targets
 
 
-def pool_rows(side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average pooling of the 12 x 12 grid to ``side x side`` (adaptive bins)."""
-    edges = [round(i * GRID / side) for i in range(side + 1)]
+def pool_rows(side: int, grid: tuple[int, int] = (GRID, GRID)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average pooling of the ``(rows, cols)`` grid (the toy's 12 x 12) to ``side x side`` (adaptive bins)."""
+    rows_at = [round(i * grid[0] / side) for i in range(side + 1)]
+    cols_at = [round(i * grid[1] / side) for i in range(side + 1)]
     rows, pos = [], []
     for i in range(side):
         for j in range(side):
-            w = torch.zeros(GRID, GRID)
-            w[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = 1.0
+            w = torch.zeros(grid)
+            w[rows_at[i] : rows_at[i + 1], cols_at[j] : cols_at[j + 1]] = 1.0
             rows.append(torch.cat([torch.zeros(1), w.flatten() / w.sum()]))
-            pos.append(edges[i] * GRID + edges[j])
+            pos.append(rows_at[i] * grid[1] + cols_at[j])
     return torch.stack(rows), torch.tensor(pos)
 
 
@@ -138,12 +143,13 @@ def row_spec(
     rng: random.Random, gen: torch.Generator, feats: torch.Tensor, shapes: torch.Tensor, mix: dict[str, float],
     low: float = 0.08, high: float = 0.75, kind: str | None = None, k: int | None = None,
     biased: bool | None = None, keep_positions: bool | None = None, pre: bool | None = None,
+    grid: tuple[int, int] = (GRID, GRID),
 ) -> RowSpec:
     """One sequence's rewrite, drawn from ``mix`` (weights of the kinds below) unless ``kind``
     is given: ``full``; ``mask`` (hidden by the attention mask, positions unchanged);
     ``subset`` (dropped); ``merge`` (all patches merged into k groups); ``pool``; ``visionzip``.
     ``k``, ``biased`` (object-biased choice), ``keep_positions`` and ``pre`` (merge before the
-    projector) are drawn unless given (for evaluation conditions)."""
+    projector) are drawn unless given (for evaluation conditions); ``grid`` is the image's ``(rows, cols)``."""
     n = feats.shape[0]
     kind = kind or rng.choices(list(mix), list(mix.values()))[0]
     k = k or sample_k(rng, n, low, high)
@@ -163,9 +169,9 @@ def row_spec(
     if kind == "subset":
         w, pos = subset_rows(choose(rng, gen, shapes, k, biased), n)
     elif kind == "merge":
-        w, pos = merge_rows(feats, choose(rng, gen, shapes, k, biased), spatial)
+        w, pos = merge_rows(feats, choose(rng, gen, shapes, k, biased), spatial, grid)
     elif kind == "pool":
-        w, pos = pool_rows(max(2, round(math.sqrt(k))))
+        w, pos = pool_rows(max(2, round(math.sqrt(k))), grid)
     elif kind == "visionzip":
         w, pos = visionzip_rows(rng, gen, feats, shapes, max(k, 6))
         keep_positions = False  # VisionZip's sequence only exists with re-indexed positions

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -179,7 +180,8 @@ def run_stage1(args: argparse.Namespace, tower: nn.Module) -> dict:
     ck = load_ckpt(path)
     if finished(ck, "stage1", tower, "tower"):
         return ck["metrics"]
-    heads = Stage1Heads(tower.config.hidden_size)
+    fam = layout(args)
+    heads = fam.stage1_heads(tower)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr1, weight_decay=0.01)
     step, total, extensions = 0, args.stage1_steps, 0
@@ -211,7 +213,8 @@ def run_stage1(args: argparse.Namespace, tower: nn.Module) -> dict:
         while step < total:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, args.stage1_steps, args.lr1, 50)
-            loss, _, _ = stage1_forward(tower, heads, stage1_batch(batch_rng(args.seed, "s1", step), args.batch1))
+            batch = fam.stage1_batch(batch_rng(args.seed, "s1", step), args.batch1)
+            loss, _, _ = fam.stage1_forward(tower, heads, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -225,11 +228,11 @@ def run_stage1(args: argparse.Namespace, tower: nn.Module) -> dict:
                     f"{rate:.2f}s/step eta {rate * (total - step) / 60:.1f} min"
                 )
             if step % 200 == 0:
-                log(f"stage1 val {stage1_eval(tower, heads, args.seed, 128)}")
+                log(f"stage1 val {fam.stage1_eval(tower, heads, args.seed, 128)}")
             if time.time() - last_save > args.save_every:
                 snapshot()
                 last_save = time.time()
-        metrics = stage1_eval(tower, heads, args.seed)
+        metrics = fam.stage1_eval(tower, heads, args.seed)
         log(f"stage1 gate check: {metrics}")
         if metrics["shape_obj"] > args.gate:
             break
@@ -406,9 +409,12 @@ def run_cache(args: argparse.Namespace, tower: nn.Module) -> dict:
 class Vocab:
     """Token ids of the word-level tokenizer, for building training sequences."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, words: list[str] | None = None, aliases: dict[str, str] | None = None):
         self.tok = tokenizer
-        self.id = {w: tokenizer.convert_tokens_to_ids(w) for w in build.vocabulary()}
+        aliases = aliases or {}
+        words = [*(words or build.vocabulary()), *aliases]
+        # ``aliases``: another format's tokens where this code says <s>, </s>, <pad>, <image>.
+        self.id = {w: tokenizer.convert_tokens_to_ids(aliases.get(w, w)) for w in words}
 
     def words(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -466,12 +472,15 @@ def align_targets(v: Vocab, colors: torch.Tensor, shapes: torch.Tensor, vocab_si
     return t
 
 
-def make_batch(v: Vocab, cache: dict, idx: list[int], rng: random.Random, turns: int, kinds: dict) -> dict:
-    """Padded multi-turn sequences plus, per turn, the answer-predicting position and the
-    image tokens of the objects the question is about (for attention supervision)."""
+def make_batch(
+    v: Vocab, cache: dict, idx: list[int], rng: random.Random, turns: int, kinds: dict, sequence=build_sequence
+) -> dict:
+    """Padded multi-turn sequences (``sequence``: the chat format) plus, per turn, the
+    answer-predicting position and the image tokens of the objects the question is about (for
+    attention supervision)."""
     n_img = cache["feats"].shape[1] - 1  # column 0 is [CLS]
     all_turns = [sample_turns(cache["scenes"][i], rng, turns, kinds) for i in idx]
-    seqs = [build_sequence(v, t, n_img) for t in all_turns]
+    seqs = [sequence(v, t, n_img) for t in all_turns]
     width = max(len(s) for s, _ in seqs)
     ids = torch.full((len(idx), width), v.id["<pad>"])
     labels = torch.full((len(idx), width), -100)
@@ -503,6 +512,7 @@ def make_batch(v: Vocab, cache: dict, idx: list[int], rng: random.Random, turns:
         "cls": cache["feats"][idx, :1].float(),
         "colors": cache["colors"][idx],
         "shapes": cache["shapes"][idx],
+        "grid": cache.get("grid"),
     }
 
 
@@ -561,12 +571,13 @@ def stage2_forward(
     model, v: Vocab, batch: dict, args: argparse.Namespace, qa: bool, probe=None, copy_probe=None
 ) -> dict:
     """Losses of stage 2: alignment of image tokens with their words, QA, attention supervision."""
-    lm = model.model.language_model
+    lm, fam = model.model.language_model, layout(args)
     n_img = batch["feats"].shape[1]
     embeds = lm.embed_tokens(batch["ids"])
-    img = model.model.multi_modal_projector(batch["feats"])
+    img = fam.project(model, batch["feats"])
     embeds = torch.cat([embeds[:, :IMAGE_START], img, embeds[:, IMAGE_START + n_img :]], 1)
-    out = lm(inputs_embeds=embeds, attention_mask=batch["mask"], output_hidden_states=True)
+    out = lm(inputs_embeds=embeds, attention_mask=batch["mask"], position_ids=fam.positions(batch),
+             output_hidden_states=True)
     span = slice(IMAGE_START, IMAGE_START + n_img)
     target = align_targets(v, batch["colors"], batch["shapes"], model.lm_head.out_features)
     weight = torch.where(batch["shapes"] > 0, 1.0, 0.25)
@@ -621,7 +632,7 @@ def stage2_eval(model, v: Vocab, cache: dict, args: argparse.Namespace) -> dict:
         val = [i for i in range(args.n_cache, args.n_cache + args.n_val) if scenes.can_ask(cache["scenes"][i], kind)]
         for start in range(0, len(val), 64):
             idx = val[start : start + 64]
-            batch = make_batch(v, cache, idx, rng, 1, {kind: 1.0})
+            batch = make_batch(v, cache, idx, rng, 1, {kind: 1.0}, layout(args).sequence)
             res = stage2_forward(model, v, batch, args, qa=True)
             answers = res["pred"].view(len(idx), 2)[:, 0] == res["gold"].view(len(idx), 2)[:, 0]
             hits.setdefault(kind, []).extend(answers.float().tolist())
@@ -632,10 +643,12 @@ def stage2_eval(model, v: Vocab, cache: dict, args: argparse.Namespace) -> dict:
 def stage3_forward(model, v: Vocab, batch: dict, phys: dict, args: argparse.Namespace, probe=None, copy_probe=None):
     """Stage-3 losses on shortened sequences (``toy_shorten.apply_specs``): image tokens are
     ``projector(W @ features)`` or ``W @ projector(features)`` over [CLS] + patches."""
-    lm, proj = model.model.language_model, model.model.multi_modal_projector
+    lm, fam = model.model.language_model, layout(args)
     feats = torch.cat([batch["cls"], batch["feats"]], 1)
     w = phys["w"]
-    img = torch.where(phys["pre"][:, None, None], proj(w @ feats), w @ proj(feats))[phys["valid"]]
+    post = w @ fam.project(model, feats)
+    img = (torch.where(phys["pre"][:, None, None], fam.project(model, w @ feats), post) if phys["pre"].any()
+           else post)[phys["valid"]]
     embeds = lm.embed_tokens(phys["ids"]).masked_scatter(phys["slots"].unsqueeze(-1), img)
     out = lm(inputs_embeds=embeds, attention_mask=phys["mask"], position_ids=phys["positions"],
              output_hidden_states=True)
@@ -657,14 +670,18 @@ def stage3_forward(model, v: Vocab, batch: dict, phys: dict, args: argparse.Name
     return result
 
 
-def shortened(v: Vocab, batch: dict, rng: random.Random, mix: dict, **fixed) -> dict:
-    """The physical batch of ``batch`` with each row rewritten by ``toy_shorten.row_spec``."""
+def shortened(v: Vocab, batch: dict, rng: random.Random, mix: dict, fam=None, **fixed) -> dict:
+    """The physical batch of ``batch`` with each row rewritten by ``toy_shorten.row_spec``
+    (``fam``: the family's :class:`LlavaLayout`, which adds the grid and the positions)."""
+    fam = fam or LlavaLayout()
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     specs = [
-        toy_shorten.row_spec(rng, gen, batch["feats"][r], batch["shapes"][r], mix, **fixed)
+        toy_shorten.row_spec(rng, gen, batch["feats"][r], batch["shapes"][r], mix, **fam.row_kwargs(batch), **fixed)
         for r in range(batch["feats"].shape[0])
     ]
-    return toy_shorten.apply_specs(batch, specs, v.id["<image>"], v.id["<pad>"])
+    phys = toy_shorten.apply_specs(batch, specs, v.id["<image>"], v.id["<pad>"])
+    phys["positions"] = fam.shortened_positions(phys, specs, batch)
+    return phys
 
 
 # Conditions of the stage-3 check: kept count, kind and position rule fixed per condition.
@@ -687,13 +704,13 @@ def stage3_eval(model, v: Vocab, cache: dict, args: argparse.Namespace) -> dict:
     val = list(range(args.n_cache, args.n_cache + args.n_val))
     kinds = {k: 1.0 for k in scenes.REQUIRED_KINDS}
     result = {}
-    for name, fixed in STAGE3_CHECKS.items():
+    for name, fixed in layout(args).stage3_checks.items():
         rng = random.Random(f"{args.seed}-stage3-val")  # same questions for every condition
         hits = []
         for start in range(0, len(val), 64):
             idx = val[start : start + 64]
-            batch = make_batch(v, cache, idx, rng, 1, kinds)
-            res = stage3_forward(model, v, batch, shortened(v, batch, rng, {}, **fixed), args)
+            batch = make_batch(v, cache, idx, rng, 1, kinds, layout(args).sequence)
+            res = stage3_forward(model, v, batch, shortened(v, batch, rng, {}, layout(args), **fixed), args)
             hits.extend((res["pred"].view(len(idx), 2)[:, 0] == res["gold"].view(len(idx), 2)[:, 0]).tolist())
         result[name] = round(float(np.mean(hits)), 4)
     model.train()
@@ -705,12 +722,13 @@ def run_lm_stage(args: argparse.Namespace, model, v: Vocab, cache: dict, stage: 
     the mask) or ``stage3`` (QA on shortened sequences, from stage 2's weights)."""
     path = args.work / f"{stage}.pt"
     ck = load_ckpt(path)
-    modules = nn.ModuleList([model.model.multi_modal_projector, model.model.language_model])
+    fam = layout(args)
+    modules = nn.ModuleList([fam.projector(model), model.model.language_model])
     if finished(ck, stage, modules, "modules"):
         return ck["metrics"]
     s2 = stage == "stage2"
     total, base_lr, warmup = (args.stage2_steps, args.lr2, 100) if s2 else (args.stage3_steps, args.lr3, 50)
-    evaluate = stage2_eval if s2 else stage3_eval
+    evaluate = functools.partial(fam.evaluate, stage2_eval if s2 else stage3_eval)
     mix = dict(zip(SHORTEN_KINDS, args.shorten_mix, strict=True))
     opt = torch.optim.AdamW(modules.parameters(), lr=base_lr, betas=(0.9, 0.98), weight_decay=0.01)
     step = 0
@@ -741,13 +759,13 @@ def run_lm_stage(args: argparse.Namespace, model, v: Vocab, cache: dict, stage: 
         rng = batch_rng(args.seed, "s2" if s2 else "s3", step)
         idx = rng.sample(range(args.n_cache), args.batch2)
         qa = not s2 or step >= args.align_steps
-        batch = make_batch(v, cache, idx, rng, args.turns, KIND_WEIGHTS)
+        batch = make_batch(v, fam.cache_for(cache, rng), idx, rng, args.turns, KIND_WEIGHTS, fam.sequence)
         if s2:
             if qa and step >= args.drop_from:
                 drop_image_tokens(batch, rng, args.drop_prob)
             res = stage2_forward(model, v, batch, args, qa=qa, probe=probe, copy_probe=copy_probe)
         else:
-            phys = shortened(v, batch, rng, mix)
+            phys = shortened(v, batch, rng, mix, fam)
             res = stage3_forward(model, v, batch, phys, args, probe=probe, copy_probe=copy_probe)
         opt.zero_grad(set_to_none=True)
         res["loss"].backward()
@@ -918,6 +936,47 @@ def init_from(args: argparse.Namespace, model) -> None:
     modules = nn.ModuleList([src.model.multi_modal_projector, src.model.language_model])
     save_atomic({"modules": modules.state_dict(), "done": True, "metrics": metrics}, args.work / "stage2.pt")
     log(f"stages 1 and 2 taken from {args.init_from}")
+
+
+class LlavaLayout:
+    """What the training stages need to know about the model family (scripts/train_toy_qwen.py
+    has the Qwen2.5-VL one): the stage-1 data and losses, the chat format, how cached tower
+    features become image tokens, their positions, and which cache a batch draws from."""
+
+    sequence = staticmethod(build_sequence)
+    stage3_checks = STAGE3_CHECKS
+    stage1_batch = staticmethod(stage1_batch)
+    stage1_forward = staticmethod(stage1_forward)
+    stage1_eval = staticmethod(stage1_eval)
+
+    def stage1_heads(self, tower: nn.Module) -> Stage1Heads:
+        return Stage1Heads(tower.config.hidden_size)
+
+    def projector(self, model) -> nn.Module:
+        return model.model.multi_modal_projector
+
+    def project(self, model, feats: torch.Tensor) -> torch.Tensor:
+        return self.projector(model)(feats)
+
+    def positions(self, batch: dict) -> torch.Tensor | None:
+        return None  # 1-D positions from the attention mask, as the model numbers them
+
+    def row_kwargs(self, batch: dict) -> dict:
+        return {}
+
+    def shortened_positions(self, phys: dict, specs: list, batch: dict) -> torch.Tensor:
+        return phys["positions"]
+
+    def cache_for(self, cache: dict, rng: random.Random) -> dict:
+        return cache
+
+    def evaluate(self, fn, model, v: Vocab, cache: dict, args: argparse.Namespace) -> dict:
+        return fn(model, v, cache, args)
+
+
+def layout(args: argparse.Namespace) -> LlavaLayout:
+    """The family layout of this run (LLaVA unless a sibling script set ``args.layout``)."""
+    return getattr(args, "layout", None) or LlavaLayout()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from .harness import MODEL_PATH, answer, evaluate, load, prompt, score
+from .harness import MODEL_PATH, MODEL_PATHS, QWEN_MODEL_PATH, answer, evaluate, load, prompt, score
 from .scenes import (
     ALL_KINDS,
     COLOR_NAMES,
@@ -34,6 +34,8 @@ __all__ = [
     "EVAL_SEED",
     "EXTRA_KINDS",
     "MODEL_PATH",
+    "MODEL_PATHS",
+    "QWEN_MODEL_PATH",
     "REQUIRED_KINDS",
     "SHAPES",
     "Record",

@@ -14,31 +14,40 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
 from .scenes import Record
 
 MODEL_PATH: Path = Path(__file__).resolve().parent / "model"
+QWEN_MODEL_PATH: Path = Path(__file__).resolve().parent / "model-qwen"
+# The toy of each family and the script that trains it.
+MODEL_PATHS: dict[str, Path] = {"llava": MODEL_PATH, "qwen2_5_vl": QWEN_MODEL_PATH}
+TRAIN_SCRIPTS: dict[str, str] = {"llava": "scripts/train_toy.py", "qwen2_5_vl": "scripts/train_toy_qwen.py"}
 
 
-def load(path: str | Path = MODEL_PATH) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Load ``(model, processor)`` offline; the model is float32 in eval mode.
+def load(path: str | Path | None = None, family: str = "llava") -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Load ``(model, processor)`` offline (the toy of ``family``: ``llava`` or ``qwen2_5_vl``, unless
+    ``path`` is given); the model is float32 in eval mode.
 
     Example:
         >>> model, processor = load()                       # doctest: +SKIP
         >>> model.config.image_seq_length                    # doctest: +SKIP
         144
+        >>> load(family="qwen2_5_vl")[0].config.model_type   # doctest: +SKIP
+        'qwen2_5_vl'
     """
-    path = Path(path)
+    if family not in MODEL_PATHS:
+        raise ValueError(f"no toy model of family {family!r}; the toys are {', '.join(MODEL_PATHS)}")
+    path = Path(path) if path is not None else MODEL_PATHS[family]
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no trained toy model at {path}; run scripts/train_toy.py first")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-    processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
+        raise FileNotFoundError(f"no trained toy model at {path}; run {TRAIN_SCRIPTS[family]} first")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return model.eval(), processor
 
 
 def prompt(processor: LlavaProcessor, question: str) -> str:
-    """The LLaVA-1.5 chat prompt for one image and one question.
+    """The chat prompt for one image and one question (the processor's template: LLaVA-1.5's, or Qwen's).
 
     Example:
         >>> from vtc.eval.toy.build import build_processor

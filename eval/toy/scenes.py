@@ -119,12 +119,15 @@ def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], margin
     return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
 
 
-def make_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
-    """Sample a scene with ``n_objects`` (default: 2-4) non-overlapping objects.
+def make_scene(rng: random.Random, n_objects: int | None = None, size: int = IMAGE_SIZE) -> Scene:
+    """Sample a ``size`` px square scene with ``n_objects`` (default: 2-4) non-overlapping objects
+    (of the same sizes at any ``size``: a larger scene has more background).
 
     Example:
         >>> len(make_scene(random.Random(0), n_objects=3).objects)
         3
+        >>> render(make_scene(random.Random(0), size=224)).size
+        (224, 224)
     """
     n = n_objects if n_objects is not None else rng.randint(2, 4)
     while True:
@@ -134,8 +137,8 @@ def make_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
         for _ in range(n):
             for _attempt in range(100):
                 side = rng.randint(_MIN_SIZE, _MAX_SIZE)
-                x0 = rng.randint(2, IMAGE_SIZE - side - 2)
-                y0 = rng.randint(2, IMAGE_SIZE - side - 2)
+                x0 = rng.randint(2, size - side - 2)
+                y0 = rng.randint(2, size - side - 2)
                 box = (x0, y0, x0 + side, y0 + side)
                 if all(not _overlaps(box, b, 4) for b in boxes):
                     boxes.append(box)
@@ -143,7 +146,7 @@ def make_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
         if len(boxes) == n:
             break
     objects = tuple(SceneObject(s, c, b) for s, c, b in zip(shapes, colors, boxes, strict=True))
-    return Scene(rng.choice(_BACKGROUNDS), objects, rng.randrange(2**31))
+    return Scene(rng.choice(_BACKGROUNDS), objects, rng.randrange(2**31), size)
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill: int | tuple[int, int, int]) -> None:
@@ -290,8 +293,11 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str, dict[str
     raise ValueError(f"unknown kind {kind!r}; expected one of {ALL_KINDS}")
 
 
-def generate(n: int, seed: int, kinds: tuple[str, ...] = REQUIRED_KINDS) -> list[Record]:
-    """``n`` benchmark records, one image each, kinds cycling through ``kinds``; deterministic in ``seed``.
+def generate(
+    n: int, seed: int, kinds: tuple[str, ...] = REQUIRED_KINDS, sizes: tuple[int, ...] = (IMAGE_SIZE,)
+) -> list[Record]:
+    """``n`` benchmark records, one image each, kinds cycling through ``kinds`` and image sizes (px,
+    square) through ``sizes``; deterministic in ``seed``.
 
     Example:
         >>> recs = generate(6, seed=123)
@@ -303,10 +309,10 @@ def generate(n: int, seed: int, kinds: tuple[str, ...] = REQUIRED_KINDS) -> list
     rng = random.Random(seed)
     records = []
     for i in range(n):
-        kind = kinds[i % len(kinds)]
-        scene = make_scene(rng)
+        kind, size = kinds[i % len(kinds)], sizes[i % len(sizes)]
+        scene = make_scene(rng, size=size)
         while not can_ask(scene, kind):
-            scene = make_scene(rng)
+            scene = make_scene(rng, size=size)
         question, answer, params = ask(scene, kind, rng)
         records.append(Record(render(scene), question, answer, kind, scene, params))
     return records

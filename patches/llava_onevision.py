@@ -37,7 +37,14 @@ NEWLINE, NOT_A_GRID = -1, -2
 
 @register_adapter
 class LlavaOnevisionAdapter(LlavaNextAdapter):
-    """LLaVA-OneVision family: anyres_max images, pooled video frames, a tower without [CLS]."""
+    """LLaVA-OneVision family: anyres_max images, pooled video frames, a tower without [CLS].
+
+    Example:
+        >>> from vtc.testing import tiny_llava_onevision
+        >>> info = LlavaOnevisionAdapter(tiny_llava_onevision(layers=1, vision_layers=1)).info()
+        >>> info.image_tokens, info.has_cls, info.received_layer  # a 140x70 image: 25 + 10x5 + 10 newlines
+        (85, False, 0)
+    """
 
     family = "llava_onevision"
     class_names = ("LlavaOnevisionForConditionalGeneration",)

@@ -17,7 +17,7 @@ MODULES = [
     "vtc.methods.aim", "vtc.methods.dart", "vtc.ops.duplication", "vtc.methods.sparsevlm", "vtc.ops.relevance",
     "vtc.methods.schedule", "vtc.methods.psigmoid", "vtc.eval.search", "vtc.eval.report", "vtc.eval.meter",
     "vtc.methods.hired", "vtc.patches.adapter", "vtc.patches.llava", "vtc.patches.llava_next", "vtc.patches.internvl",
-    "vtc.patches.qwen2_5_vl",
+    "vtc.patches.qwen2_5_vl", "vtc.patches.llava_onevision",
     "vtc.patches.decoder", "vtc.patches.tome", "vtc.testing", "vtc.api",
 ]
 

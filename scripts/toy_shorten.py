@@ -143,17 +143,18 @@ def row_spec(
     rng: random.Random, gen: torch.Generator, feats: torch.Tensor, shapes: torch.Tensor, mix: dict[str, float],
     low: float = 0.08, high: float = 0.75, kind: str | None = None, k: int | None = None,
     biased: bool | None = None, keep_positions: bool | None = None, pre: bool | None = None,
-    grid: tuple[int, int] = (GRID, GRID),
+    grid: tuple[int, int] = (GRID, GRID), keep_share: float = 0.35,
 ) -> RowSpec:
     """One sequence's rewrite, drawn from ``mix`` (weights of the kinds below) unless ``kind``
     is given: ``full``; ``mask`` (hidden by the attention mask, positions unchanged);
     ``subset`` (dropped); ``merge`` (all patches merged into k groups); ``pool``; ``visionzip``.
     ``k``, ``biased`` (object-biased choice), ``keep_positions`` and ``pre`` (merge before the
-    projector) are drawn unless given (for evaluation conditions); ``grid`` is the image's ``(rows, cols)``."""
+    projector) are drawn unless given (for evaluation conditions; positions kept with probability
+    ``keep_share``); ``grid`` is the image's ``(rows, cols)``."""
     n = feats.shape[0]
     kind = kind or rng.choices(list(mix), list(mix.values()))[0]
     k = k or sample_k(rng, n, low, high)
-    draws = (rng.random() < 0.5, rng.random() < 0.5, rng.random() < 0.35, rng.random() < 0.5)
+    draws = (rng.random() < 0.5, rng.random() < 0.5, rng.random() < keep_share, rng.random() < 0.5)
     biased = draws[0] if biased is None else biased
     spatial = draws[1]
     keep_positions = draws[2] if keep_positions is None else keep_positions

@@ -16,7 +16,7 @@ patches with window attention (8x8-patch windows, full attention in two blocks) 
    image starting at s: (s, s + r, s + c); the text after it from s + max(rows, cols)), each
    batch of one image size. Stage 3's shortened rows keep their 3-D positions (the adapter's
    default) or are re-indexed as the adapter's ``compact`` does; reductions are after the merger
-   (as vtc reduces Qwen), no VisionZip [CLS] rows.
+   (as vtc reduces Qwen), no VisionZip [CLS] rows; 65% of the rows keep their positions.
 4. ``final``: save model + processor to ``--model-dir`` and score 500 held-out questions per
    size with ``generate``.
 
@@ -175,7 +175,8 @@ class QwenLayout(tt.LlavaLayout):
         return pos[:, None].expand(3, b, t)
 
     def row_kwargs(self, batch: dict) -> dict:
-        return {"grid": tuple(batch["grid"]), "pre": False}  # vtc reduces Qwen after the merger
+        # vtc reduces Qwen after the merger, and its survivors keep their positions by default.
+        return {"grid": tuple(batch["grid"]), "pre": False, "keep_share": 0.65}
 
     def shortened_positions(self, phys: dict, specs: list, batch: dict) -> torch.Tensor:
         rows, cols = batch["grid"]
@@ -190,7 +191,9 @@ class QwenLayout(tt.LlavaLayout):
             if not spec.keep_positions:
                 is_image = torch.zeros(1, t, dtype=torch.bool)
                 is_image[0, IMAGE_START : IMAGE_START + k] = True
-                pos, _ = Qwen2_5_VLAdapter.compact_positions(pos[:, None], is_image, phys["mask"][r : r + 1].bool())
+                # Rows hidden by the mask (kind "mask") are still there: they keep the grid.
+                present = (phys["mask"][r : r + 1] > 0) | phys["slots"][r : r + 1]
+                pos, _ = Qwen2_5_VLAdapter.compact_positions(pos[:, None], is_image, present)
                 pos = pos[:, 0]
             out[:, r] = pos
         return out

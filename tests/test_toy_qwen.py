@@ -131,6 +131,13 @@ def test_shortened_positions_keep_or_compact_as_the_adapter():
     image[0, 3:39] = True
     want, _ = Qwen2_5_VLAdapter.compact_positions(keep_rows[:, 1:2], image, phys["mask"][1:2].bool())
     assert torch.equal(pos[:, 1], want[:, 0])
+    # Tokens hidden by the attention mask are still in the sequence: every position stays.
+    masked = [S.row_spec(rng, gen, batch["feats"][r], batch["shapes"][r], {}, kind="mask", k=16, **kw)
+              for r in range(2)]
+    phys = S.apply_specs(batch, masked, vocab.id["<image>"], vocab.id["<pad>"])
+    assert int(phys["mask"][0, 3:147].sum()) == 16
+    real = batch["mask"].bool()
+    assert torch.equal(layout.shortened_positions(phys, masked, batch)[:, real], full[:, real])
 
 
 def test_load_by_family(tiny_saved):

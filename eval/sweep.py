@@ -334,15 +334,14 @@ def plan_cells(spec: SweepSpec) -> tuple[list[Cell], list[tuple[Cell, str]]]:
 
 
 def prepare_tasks(spec: SweepSpec):
-    """A TaskManager that knows ``spec.tasks`` (the toy task prepared offline); errors name unknown tasks."""
+    """A TaskManager that knows ``spec.tasks`` (the toy tasks prepared offline); errors name unknown tasks."""
     from lmms_eval.tasks import TaskManager
 
-    include = list(spec.include_path)
-    only_toy = set(spec.tasks) <= {"toy_vqa"}
-    if "toy_vqa" in spec.tasks:
-        from vtc.eval.toy_task import prepare
+    from vtc.eval.toy_task import TASKS, prepare
 
-        include.append(str(prepare()))
+    include = list(spec.include_path)
+    only_toy = set(spec.tasks) <= set(TASKS)
+    include += [str(prepare(task=task)) for task in spec.tasks if task in TASKS]
     manager = TaskManager(include_path=include or None, include_defaults=not only_toy)
     unknown = [t for t in spec.tasks if t not in manager.all_tasks]
     if unknown:

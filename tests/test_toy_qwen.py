@@ -169,6 +169,25 @@ def test_sweep_runs_the_qwen_toy_through_lmms_eval(tiny_saved, tmp_path, monkeyp
     assert sweep.model_path("toy-qwen") == str(toy.QWEN_MODEL_PATH)
 
 
+def test_toy_vqa_sizes_task_alternates_image_sizes(tmp_path, monkeypatch):
+    """``toy_vqa_sizes``: the toy questions with 168 and 224 px images in turn, known to the sweep."""
+    pytest.importorskip("lmms_eval")
+    import datasets
+
+    from vtc.eval import sweep
+    from vtc.eval.toy_task import prepare
+
+    path = prepare(tmp_path / "sizes", n=4, task="toy_vqa_sizes")
+    data = datasets.load_from_disk(str(path / "data"))["test"]
+    assert [im.size for im in data["image"]] == [(168, 168), (224, 224)] * 2
+    assert "task: toy_vqa_sizes" in (path / "toy_vqa_sizes.yaml").read_text()
+    monkeypatch.setenv("VTC_CACHE", str(tmp_path / "cache"))
+    spec = sweep.SweepSpec(model="toy", tasks=["toy_vqa_sizes"], limit=4, out=str(tmp_path / "out"))
+    assert "toy_vqa_sizes" in sweep.prepare_tasks(spec).all_tasks
+    with pytest.raises(ValueError, match="unknown toy task"):
+        prepare(tmp_path / "x", task="toy_vqa_huge")
+
+
 shipped = pytest.mark.skipif(
     not (toy.QWEN_MODEL_PATH / "config.json").is_file(),
     reason=f"trained Qwen2.5-VL toy not shipped yet ({toy.QWEN_MODEL_PATH} missing; run scripts/train_toy_qwen.py)",

@@ -17,22 +17,26 @@ import shutil
 from pathlib import Path
 
 TASK = "toy_vqa"
+# Each toy task and the sizes (px, square) its images take turns with: ``toy_vqa_sizes`` varies the
+# tokens per image on a model of any resolution (the Qwen2.5-VL toy: 144 and 256); the LLaVA toy
+# crops every image to 168 px, so only ``toy_vqa`` is meant for it.
+TASKS: dict[str, tuple[int, ...]] = {"toy_vqa": (168,), "toy_vqa_sizes": (168, 224)}
 DEFAULT_N = 500
 
 
-def default_dir() -> Path:
+def default_dir(task: str = TASK) -> Path:
     """Where the task is prepared unless told otherwise (``$VTC_CACHE`` or ``~/.cache/vtc``)."""
-    return Path(os.environ.get("VTC_CACHE", Path.home() / ".cache" / "vtc")) / TASK
+    return Path(os.environ.get("VTC_CACHE", Path.home() / ".cache" / "vtc")) / task
 
 
-def _yaml(dataset: Path) -> str:
+def _yaml(dataset: Path, task: str = TASK) -> str:
     kinds = ["color", "shape", "presence"]
     metrics = [("exact_match", "aggregate_all")] + [(f"{k}_exact_match", f"aggregate_{k}") for k in kinds]
     lines = [
         f"dataset_path: {json.dumps(str(dataset))}",
         "dataset_kwargs:",
         "  load_from_disk: true",
-        f"task: {TASK}",
+        f"task: {task}",
         "test_split: test",
         "output_type: generate_until",
         "doc_to_visual: !function utils.doc_to_visual",
@@ -51,8 +55,9 @@ def _yaml(dataset: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prepare(path: str | Path | None = None, n: int = DEFAULT_N, seed: int | None = None) -> Path:
-    """Write the dataset and task YAML under ``path`` (once per ``n``/``seed``); returns ``path``.
+def prepare(path: str | Path | None = None, n: int = DEFAULT_N, seed: int | None = None, task: str = TASK) -> Path:
+    """Write the dataset and YAML of ``task`` (a key of :data:`TASKS`) under ``path`` (once per
+    ``n``/``seed``); returns ``path``.
 
     Example:
         >>> prepare(n=500)                                      # doctest: +SKIP
@@ -62,14 +67,16 @@ def prepare(path: str | Path | None = None, n: int = DEFAULT_N, seed: int | None
 
     from vtc.eval import toy
 
+    if task not in TASKS:
+        raise ValueError(f"unknown toy task {task!r}; the toy tasks are {', '.join(TASKS)}")
     seed = toy.EVAL_SEED if seed is None else seed
-    path = Path(path) if path is not None else default_dir()
+    path = Path(path) if path is not None else default_dir(task)
     stamp = path / "prepared.json"
-    wanted = {"n": n, "seed": seed, "version": 1}
+    wanted = {"n": n, "seed": seed, "version": 1, **({"task": task} if task != TASK else {})}
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return path
     path.mkdir(parents=True, exist_ok=True)
-    records = toy.generate(n, seed=seed)
+    records = toy.generate(n, seed=seed, sizes=TASKS[task])
     features = datasets.Features({
         "question_id": datasets.Value("int32"),
         "image": datasets.Image(),
@@ -92,6 +99,6 @@ def prepare(path: str | Path | None = None, n: int = DEFAULT_N, seed: int | None
         shutil.rmtree(target)
     datasets.DatasetDict({"test": data}).save_to_disk(str(target))
     shutil.copy(Path(__file__).with_name("utils.py"), path / "utils.py")
-    (path / f"{TASK}.yaml").write_text(_yaml(target))
+    (path / f"{task}.yaml").write_text(_yaml(target, task))
     stamp.write_text(json.dumps(wanted))
     return path

@@ -80,6 +80,8 @@ class SequenceState:
     layer_shift: dict[int, torch.Tensor | int] = field(default_factory=dict)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     kept: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # Rows that are merged tokens made inside the LLM (recycling stages), or None while there are none.
+    merged: torch.Tensor | None = None
     # SparseVLM's raters: for each image (global index), the prefill rows of the text tokens that rate it.
     raters: dict[int, torch.Tensor] = field(default_factory=dict)
     # Rows at the end of every sample that follow the prompt (assisted decoding's draft tokens,
@@ -216,6 +218,67 @@ def rater_scores(layer: nn.Module, hidden: torch.Tensor, position_embeddings, st
     return scores
 
 
+def recycle_rows(hidden: torch.Tensor, scores: torch.Tensor, state: SequenceState, totals: list[int],
+                 share: float = 0.3, per_cluster: int = 10):
+    """A recycling stage's rows: each image ``g`` keeps its best-scored rows and adds the merged tokens
+    recycled from the rest (:func:`vtc.ops.recycled`: the most relevant ``share`` of the dropped rows,
+    clustered by :func:`vtc.ops.dpc_merge`), ``totals[g]`` rows in all; the merged rows follow the
+    image's last row, in cluster order (SparseVLM puts them right after the kept image tokens).
+
+    Returns, per new row ``[B, n']``: the current row it copies its bookkeeping from (a merged row: the
+    image's last row, for its mask column and, under kept positions, its position), the padding mask,
+    whether it is merged, and the merged features in row-major order ``[m, D]``."""
+    img_all = state.image_of
+    counts = {}
+    for b in range(img_all.shape[0]):
+        img = img_all[b]
+        for g in img[img >= 0].unique().tolist():
+            counts[g] = ops.recycle_split(int((img == g).sum()), totals[g], share, per_cluster)
+    keep, pad = select_rows(scores, img_all, [counts.get(g, 0) for g in range(len(totals))], state.protected)
+    srcs, flags, feats = [], [], []
+    for b in range(img_all.shape[0]):
+        kept = keep[b][~pad[b]]
+        key, src, flag = (2 * kept).tolist(), kept.tolist(), [False] * kept.numel()
+        img = img_all[b]
+        images = sorted(img[img >= 0].unique().tolist(), key=lambda g: int((img == g).nonzero()[-1, 0]))
+        for g in images:
+            mine = (img == g).nonzero()[:, 0]
+            dropped = mine[~torch.isin(mine, kept)]
+            chosen, clusters = ops.recycled(dropped.numel(), share, per_cluster)
+            if not clusters:
+                continue
+            best = scores[b, dropped].float().sort(descending=True, stable=True).indices[:chosen]
+            feats.append(ops.dpc_merge(hidden[b, dropped[best]], clusters))
+            anchor = int(mine[-1])
+            key += [2 * anchor + 1] * clusters
+            src += [anchor] * clusters
+            flag += [True] * clusters
+        order = torch.tensor(key, dtype=torch.float64).sort(stable=True).indices
+        srcs.append(torch.tensor(src, dtype=torch.long, device=keep.device)[order])
+        flags.append(torch.tensor(flag, dtype=torch.bool, device=keep.device)[order])
+    src, pad = ops.left_pad(srcs)
+    merged, _ = ops.left_pad(flags)
+    merged = merged & ~pad
+    return src, pad, merged, torch.cat(feats) if feats else hidden.new_zeros(0, hidden.shape[-1])
+
+
+def causal_mask(like: torch.Tensor | None, valid: torch.Tensor, flash: bool) -> torch.Tensor | None:
+    """A fresh prefill mask for rows in causal order (a stage that made new rows): causal by row, keys
+    where ``valid`` ``[B, n]``; the same kind as ``like`` (the mask the layers received: None, 2-D,
+    4-D boolean or additive). None where nothing is masked but causality."""
+    if like is None and bool(valid.all()):
+        return None
+    if flash or (like is not None and like.dim() == 2):
+        return valid.long()
+    n = valid.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
+    allowed = ((causal[None] & valid[:, None, :]) | torch.eye(n, dtype=torch.bool, device=valid.device))[:, None]
+    if like is None or like.dtype == torch.bool:
+        return allowed
+    additive = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
+    return additive.masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
 def mask_columns(mask: torch.Tensor | None, valid: torch.Tensor, rows: torch.Tensor, flash: bool,
                  new: int = 0, queries: int = 1) -> torch.Tensor:
     """Forbid attending to the keys where ``valid`` ``[B, K]`` is False, in the mask a decoder
@@ -234,7 +297,8 @@ def mask_columns(mask: torch.Tensor | None, valid: torch.Tensor, rows: torch.Ten
             later = ahead[None] <= torch.arange(new - queries, new, device=valid.device)[:, None]
             allowed = torch.cat([valid.new_ones(bsz, queries, prompt), later[None].expand(bsz, -1, -1)], dim=2)
             return (allowed & valid[:, None, :])[:, None]
-        causal = rows[:, None, :] <= rows[:, :, None]
+        # Causal by sequence order: rows stay in prompt order (a merged row repeats its anchor's index).
+        causal = torch.ones(rows.shape[1], rows.shape[1], dtype=torch.bool, device=rows.device).tril()[None]
         itself = torch.eye(rows.shape[1], dtype=torch.bool, device=rows.device)
         return ((causal & valid[:, None, :]) | itself)[:, None]
     if mask.dim() == 2:
@@ -350,16 +414,30 @@ class LayerStages:
             self._armed = index  # scored in _after, on the rows this layer keeps
         if stage is None:
             return args, kwargs
-        keep, pad = select_rows(state.scores.pop(index), state.image_of, state.keep_of[stage.where], state.protected)
+        scores, merged = state.scores.pop(index), None
+        if stage.reducer == "recycle":
+            # Each kept row, and the merged rows, by the row they copy their bookkeeping from.
+            keep, pad, merged, feats = recycle_rows(hidden, scores, state, state.keep_of[stage.where],
+                                                    **dict(stage.options))
+        else:
+            keep, pad = select_rows(scores, state.image_of, state.keep_of[stage.where], state.protected)
         valid_before = state.key_valid
         hidden = ops.gather_tokens(hidden, keep)
+        if merged is not None:
+            hidden = hidden.masked_scatter(merged[..., None], feats.to(hidden.dtype))
         state.rows = ops.gather_tokens(state.rows, keep)
         state.image_of = ops.gather_tokens(state.image_of, keep).masked_fill(pad, -2)
         state.key_valid = ops.gather_tokens(state.key_valid, keep) & ~pad
         if state.protected is not None:
             state.protected = ops.gather_tokens(state.protected, keep) & ~pad
+            if merged is not None:
+                state.protected = state.protected & ~merged
+        if state.merged is not None or merged is not None:
+            was = ops.gather_tokens(state.merged, keep) & ~pad if state.merged is not None else torch.zeros_like(pad)
+            state.merged = was if merged is None else was | merged
         grid = ops.gather_tokens(state.grid_of, state.rows)
-        state.kept[stage.where] = [grid[b][state.image_of[b] == g] for g, b in enumerate(state.sample_of)]
+        original = state.image_of if state.merged is None else state.image_of.masked_fill(state.merged, -3)
+        state.kept[stage.where] = [grid[b][original[b] == g] for g, b in enumerate(state.sample_of)]
         # Qwen's M-RoPE layers get no position_ids (their positions are in (cos, sin) only).
         pos = None if kwargs.get("position_ids") is None else ops.gather_tokens(kwargs["position_ids"], keep)
         compact = stage.positions == "compact"
@@ -372,11 +450,15 @@ class LayerStages:
             cos, sin = self.rotary(hidden, pos)
         else:
             cos, sin = (ops.gather_tokens(t, keep) for t in kwargs["position_embeddings"])
-        mask = gather_mask(kwargs.get("attention_mask"), keep, keep)
-        # Padding slots last until the next stage, which drops them (and may pad anew).
         slots = bool(pad.any())
-        if slots:
-            mask = mask_columns(mask, state.key_valid, state.rows, self.flash)
+        if merged is not None:
+            # New rows have no row of the mask to gather: a fresh one, causal in the new order.
+            mask = causal_mask(kwargs.get("attention_mask"), state.key_valid, self.flash)
+        else:
+            mask = gather_mask(kwargs.get("attention_mask"), keep, keep)
+            # Padding slots last until the next stage, which drops them (and may pad anew).
+            if slots:
+                mask = mask_columns(mask, state.key_valid, state.rows, self.flash)
         state.overrides = {"position_embeddings": (cos, sin), "position_ids": pos, "attention_mask": mask}
         kwargs.update(state.overrides)
         shift = state.layer_shift.get(index, 0)

@@ -15,6 +15,7 @@ MODULES = [
     "vtc.methods.base", "vtc.methods.fastv", "vtc.methods.vtc_cls", "vtc.methods.random", "vtc.methods.pdrop",
     "vtc.methods.pool", "vtc.methods.tome", "vtc.methods.merge", "vtc.methods.visionzip", "vtc.methods.composed",
     "vtc.methods.aim", "vtc.methods.dart", "vtc.ops.duplication", "vtc.methods.sparsevlm", "vtc.ops.relevance",
+    "vtc.ops.cluster",
     "vtc.methods.schedule", "vtc.methods.psigmoid", "vtc.eval.search", "vtc.eval.report", "vtc.eval.meter",
     "vtc.methods.hired", "vtc.patches.adapter", "vtc.patches.llava", "vtc.patches.llava_next", "vtc.patches.internvl",
     "vtc.patches.qwen2_5_vl", "vtc.patches.llava_onevision",

@@ -9,10 +9,22 @@ import vtc
 from vtc.registry import get_adapter
 from vtc.testing import join_inputs, split_inputs, tiny_inputs
 
-from .conftest import BACKENDS, FAMILIES, applies, case_args, case_kwargs, greedy, method_cases, use_model
+from .conftest import (
+    BACKENDS,
+    FAMILIES,
+    MERGES_IN_LLM,
+    applies,
+    case_args,
+    case_kwargs,
+    greedy,
+    method_cases,
+    use_model,
+)
 from .reference import reference_logits, survivors
 
 CASES = method_cases()
+# Cases a mask over the prompt's rows can reproduce (merged tokens made inside the LLM have no such rows).
+MASKABLE = [c for c in CASES if c not in MERGES_IN_LLM]
 
 
 def pytest_generate_tests(metafunc):
@@ -102,11 +114,13 @@ def _check_against_reference(model, inputs, case, position_ids=None):
     return stats
 
 
+@pytest.mark.cases(MASKABLE)
 def test_drop_equals_mask(model, inputs, case):
     stats = _check_against_reference(model, inputs, case)
     assert stats.equivalent_tokens < stats.image_tokens
 
 
+@pytest.mark.cases(MASKABLE)
 def test_drop_equals_mask_two_images_padded(model, case):
     inputs = tiny_inputs(model, batch=2, images=2, pad=[0, 3], seed=1)
     pos = (inputs["attention_mask"].cumsum(1) - 1).clamp_min(0)
@@ -115,6 +129,7 @@ def test_drop_equals_mask_two_images_padded(model, case):
     assert all(len(v) == 4 for v in stats.kept.values())  # two samples of two images
 
 
+@pytest.mark.cases(MASKABLE)  # recycling: tests/test_sparsevlm.py
 def test_cached_generation_equals_recomputation(model, case):
     inputs = tiny_inputs(model, batch=2, pad=[2, 0], seed=2)
     (tokens, step_logits), stages, embeds, _ = traced(

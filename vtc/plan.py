@@ -14,7 +14,9 @@ from typing import Literal
 SCORERS = ("cls_attention", "received_attention", "query_attention", "pagerank", "dart", "rater_attention", "random",
            "keys", "mean_keys", "none")
 REDUCERS = ("topk", "merge", "pool", "dominant+context", "hired", "tome", "divprune", "vispruner", "cdpruner",
-            "downsample")
+            "downsample", "recycle")
+# Reducers of layer stages: top-k, or top-k plus merged tokens recycled from the rest (SparseVLM).
+LAYER_REDUCERS = ("topk", "recycle")
 POSITIONS = ("keep", "compact")
 
 
@@ -128,8 +130,11 @@ class Stage:
         if self.keep < (0 if self.where != "vision" else 1):
             raise ValueError(f"a stage must keep at least one token per image (layer stages may keep 0), "
                              f"got {self.keep}")
-        if self.reducer != "topk" and self.where != "vision":
-            raise ValueError(f"reducer {self.reducer!r} runs before the LLM only; layer stages keep top-k")
+        if self.reducer == "recycle" and self.where == "vision":
+            raise ValueError("reducer 'recycle' merges pruned tokens inside the LLM: use it at a layer stage")
+        if self.reducer not in LAYER_REDUCERS and self.where != "vision":
+            raise ValueError(f"reducer {self.reducer!r} runs before the LLM only; layer stages keep top-k "
+                             f"(or recycle the rest into merged tokens: 'recycle')")
 
     @property
     def reducer_label(self) -> str:

@@ -6,6 +6,7 @@ import dataclasses
 
 from vtc.budget import resolve_count
 from vtc.errors import BudgetError, VtcError
+from vtc.ops import recycled
 from vtc.plan import ModelInfo, Plan, Scorer, Stage
 from vtc.registry import register_method
 
@@ -15,6 +16,25 @@ from .base import Method
 # kept after decoder layers 2, 6 and 15 of LLaVA-1.5-7B's 32, of 576.
 OFFICIAL_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
 OFFICIAL_LAYERS = (2, 6, 15)
+# Recycling (modelling_sparse_llama.py L280-290): the top 30% (+1) of the pruned tokens by relevance, one
+# merged token per 10 of them (+1).
+RECYCLE = (("share", 0.3), ("per_cluster", 10))
+
+
+def with_recycled(n: int, counts: list[int]) -> list[int]:
+    """Image tokens after each stage when each keeps ``counts[i]`` of those reaching it (at most all but
+    one, as ``min(count, v - 1)``) and adds the merged tokens recycled from the rest.
+
+    Example:
+        >>> with_recycled(576, [300, 200, 110]), with_recycled(576, [303, 110, 36])
+        ([309, 204, 113], [312, 117, 39])
+    """
+    out, reaching = [], n
+    for c in counts:
+        k = min(c, reaching - 1) if reaching > 1 else reaching
+        reaching = k + recycled(reaching - k)[1]
+        out.append(reaching)
+    return out
 
 
 def scaled_layers(num_layers: int) -> tuple[int, ...]:
@@ -39,17 +59,20 @@ class SparseVLM(Method):
     """Text raters (the text tokens after the image that its tokens' input embeddings point to most,
     :func:`vtc.ops.select_raters`) rate the image tokens by their attention at each of ``layers``
     (:func:`vtc.ops.queries_attention`, averaged over heads and raters); after each such layer the
-    ``counts[i]`` best image tokens are kept and re-indexed contiguously.
+    ``counts[i]`` best image tokens are kept and re-indexed contiguously; with ``recycle`` (the official
+    default) the most relevant 30% of the pruned ones are clustered (:func:`vtc.ops.dpc_merge`) into
+    one merged token per 10, placed after the kept image tokens.
 
-    Defaults (the official ``RETAIN_TOKN=192``): layers 2, 6, 15 of 32, counts 300, 200, 110 of 576;
-    ``retain`` picks another official row (192, 128, 96, 64). A ``budget`` (equivalent tokens) scales
-    the counts of the official row nearest to it until the plan meets it exactly.
+    Defaults (the official ``RETAIN_TOKN=192``): layers 2, 6, 15 of 32, counts 300, 200, 110 of 576
+    (309, 204, 113 tokens with the merged ones); ``retain`` picks another official row (192, 128, 96,
+    64). A ``budget`` (equivalent tokens, merged tokens counted) scales the counts of the official row
+    nearest to it until the plan meets it exactly. Stage counts (``vtc.plan``) include merged tokens.
 
     Example:
         >>> from vtc.plan import ModelInfo
         >>> plan = SparseVLM().compile(ModelInfo("llava", 576, 32, 24, 22, True))
         >>> [s.where for s in plan.stages], [s.keep for s in plan.stages]
-        (['layer:3', 'layer:7', 'layer:16'], [300, 200, 110])
+        (['layer:3', 'layer:7', 'layer:16'], [309, 204, 113])
     """
 
     name = "sparsevlm"
@@ -58,6 +81,7 @@ class SparseVLM(Method):
     layers: tuple[int, ...] | None = None
     counts: tuple[int, ...] | None = None
     retain: int | None = None
+    recycle: bool = True
     positions: str = "compact"
 
     def _layers(self, info: ModelInfo) -> tuple[int, ...]:
@@ -80,20 +104,23 @@ class SparseVLM(Method):
             counts = [int(c) for c in self.counts]
             if len(counts) != len(layers) or any(c < 1 for c in counts):
                 raise VtcError(f"sparsevlm counts {counts}: give one positive count per layer {list(layers)}")
+            counts = with_recycled(n, counts) if self.recycle else counts
         elif budget is not None:
-            counts = self._solve(info, layers, resolve_count(budget, n), budget)
+            counts = self._solve(info, layers, resolve_count(budget, n), budget, self.recycle)
         else:
             official = OFFICIAL_COUNTS[self.retain or 192]
             counts = [max(1, round(c * n / 576)) for c in official[: len(layers)]]
+            counts = with_recycled(n, counts) if self.recycle else counts
         kept, stages = n, []
+        reducer, options = ("recycle", RECYCLE) if self.recycle else ("topk", ())
         for layer, count in zip(layers, counts):
             kept = min(kept, count)
-            stages.append(Stage(f"layer:{layer + 1}", Scorer("rater_attention", (layer,)), kept,
-                                positions=self.positions))
+            stages.append(Stage(f"layer:{layer + 1}", Scorer("rater_attention", (layer,)), kept, reducer=reducer,
+                                positions=self.positions, options=options))
         return self._plan(info, tuple(stages), budget)
 
     @staticmethod
-    def _solve(info: ModelInfo, layers, target: float, budget) -> list[int]:
+    def _solve(info: ModelInfo, layers, target: float, budget, recycle: bool) -> list[int]:
         n, num = info.image_tokens, info.num_layers
         label = min(OFFICIAL_COUNTS, key=lambda b: abs(b - target * 576 / n))
         profile = [c * n / 576 for c in OFFICIAL_COUNTS[label][: len(layers)]]
@@ -103,6 +130,8 @@ class SparseVLM(Method):
             for c in profile:
                 last = min(last, max(1, round(c * scale)))
                 out.append(last)
+            if recycle and out[0] < n:
+                return with_recycled(n, out)
             return out
 
         def equivalent(cs: list[int]) -> float:

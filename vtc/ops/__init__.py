@@ -7,7 +7,8 @@ attention scores from a module's own projections (:func:`query_attention`,
 (:func:`pool_grid`); diversity (:func:`divprune_select`, :func:`vispruner_select`,
 :func:`dpp_select` with :func:`instruction_relevance`); the image resized for the tower
 (:func:`resize_images`, :func:`downsampled_grid`, :func:`grid_centres`); duplication (:func:`dart_select`);
-text relevance (:func:`select_raters`, :func:`rater_relevance`, :func:`queries_attention`).
+text relevance (:func:`select_raters`, :func:`rater_relevance`, :func:`queries_attention`); recycling
+(:func:`dpc_merge`, :func:`recycled`).
 
 Example:
     >>> import torch
@@ -26,6 +27,7 @@ from .attention import (
     query_attention,
     rotate_half,
 )
+from .cluster import dpc_merge, recycle_split, recycled
 from .diversity import divprune_select, vispruner_select
 from .dpp import dpp_select, instruction_relevance
 from .duplication import dart_select, pivot_shares
@@ -42,6 +44,7 @@ __all__ = [
     "cls_attention",
     "dart_select",
     "divprune_select",
+    "dpc_merge",
     "dominant_and_context",
     "downsampled_grid",
     "dpp_select",
@@ -60,6 +63,8 @@ __all__ = [
     "query_attention",
     "resize_images",
     "rater_relevance",
+    "recycle_split",
+    "recycled",
     "rotate_half",
     "runs",
     "select_raters",

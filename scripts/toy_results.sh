@@ -11,7 +11,7 @@ OUT=${OUT:-runs/results-toy}
 BUDGETS=1.0,0.3333333,0.2222222,0.1111111
 
 # Each method with its own position rule: what a user gets (the README's main job).
-$VTC sweep --methods aim,cdpruner,dart,divprune,downsample,fastv,merge,pdrop,pool,psigmoid,random,tome,visionzip,vispruner,vtc_cls,vtc_cls+pdrop \
+$VTC sweep --methods aim,cdpruner,dart,divprune,downsample,fastv,merge,pdrop,pool,psigmoid,random,sparsevlm,tome,visionzip,vispruner,vtc_cls,vtc_cls+pdrop \
   --budgets "$BUDGETS" --out "$OUT"
 
 # Ablation: survivors keep their original positions.

@@ -191,6 +191,22 @@ class Adapter:
     def vision_hidden_size(self) -> int:
         return 0
 
+    def companions(self, out: Any) -> list[torch.Tensor] | None:
+        """Per ``pooler_output`` entry, per-token tensors ``[tokens, C]`` of the encoder output ``out`` that the
+        model uses alongside the features (Qwen3-VL's DeepStack features), which vision stages must reduce
+        exactly as the features; None if the family has none."""
+        return None
+
+    def set_companions(self, out: Any, companions: list[torch.Tensor | None]) -> None:
+        """Write reduced :meth:`companions` (one per entry) back into the encoder output ``out``."""
+
+    def llm_wrappers(self, state) -> list[tuple[nn.Module, str, Any]]:
+        """``(module, method name, make)`` for each method of the language model, besides its decoder layers,
+        that reads per-row inputs and must follow the rows layer stages keep (Qwen3-VL's DeepStack);
+        ``make(original)`` returns the replacement, ``state()`` the prefill's
+        :class:`~vtc.patches.decoder.SequenceState` (or None). Installed on the instance, restored by remove."""
+        return []
+
     def pre_projector(self, out: Any, arguments: dict) -> torch.Tensor | None:
         """The tower's features the projector reads, ``[tower images, tower tokens, C]`` with the
         [CLS] token first, from the encoder's output ``out``; None where the family's projector does

@@ -31,7 +31,7 @@ from vtc import ops
 from vtc.errors import UnsupportedConfigurationError, VtcError
 from vtc.flops import Stats, make_stats
 from vtc.plan import Plan, Stage
-from vtc.reduce import reduce_vision, resized
+from vtc.reduce import reduce_companions, reduce_vision, resized
 
 from .adapter import Adapter
 from .decoder import LayerStages, SequenceState
@@ -70,6 +70,7 @@ class Installation:
     _prompt = PerThread()
     _record = PerThread()
     _labels = PerThread()  # a training forward's labels, held back from the model (see _loss)
+    _encoding = PerThread()  # inside a wrapped encoder call (an encoder that calls another is read once)
 
     def __init__(self, adapter: Adapter, plan: Plan) -> None:
         self.adapter, self.plan = adapter, plan
@@ -141,6 +142,10 @@ class Installation:
                     self._handles.append(module.register_forward_pre_hook(self._capture(layer), with_kwargs=True))
             if self.tower is not None:
                 self.tower.install()
+            if self.layer_stages.stages:
+                # What the family's LLM does besides its decoder layers that must follow their rows (DeepStack).
+                for module, name, make in self.adapter.llm_wrappers(lambda: self._seq):
+                    self._wrap(module, name, make)
             self.layer_stages.install()
         except Exception:
             self.remove()
@@ -327,9 +332,11 @@ class Installation:
             if out is not None:
                 out = copy.copy(out)
                 out.pooler_output = self.adapter.pooler_output([im.feats for im in images[:n_images]])
+                self.adapter.set_companions(out, [im.companions for im in images[:n_images]])
             if vout is not None:
                 vout = copy.copy(vout)
                 vout.pooler_output = self.adapter.video_pooler_output([im.feats for im in images[n_images:]])
+                self.adapter.set_companions(vout, [im.companions for im in images[n_images:]])
             real = (~pad).sum(dim=1, keepdim=True)
             width = rows.shape[1] - drafts  # the drafts are the last columns of every sample
             self._vision = {"rows": rows[:, :width], "valid": ~pad[:, :width], "ragged": ragged,
@@ -417,6 +424,7 @@ class Installation:
                 f"feature tokens: build the prompt with the model's processor"
             )
         feats = torch.cat([e.reshape(-1, e.shape[-1]) for e in entries]).split(lengths)
+        companions = self.adapter.companions(out) or [None] * len(lengths)
         # A device hook (accelerate's offload, device_map) may hand over a copy of the encoder output
         # without the attribute: then the latest encoding's record is searched by content.
         captured = getattr(out, SIGNALS_ATTR, None) or self._signals or {}
@@ -443,7 +451,7 @@ class Installation:
             protected = layout.pop("protected", None)
             keeps = self.active_plan.keeps_for(n)
             images.append(Image(sample, spot[:, 1], f, mine, layout, protected, keeps,
-                                torch.arange(n, device=f.device)))
+                                torch.arange(n, device=f.device), companions[g]))
         return images
 
     def _reduce_images(self, i: int, stage: Stage, images: list[Image]) -> list[torch.Tensor]:
@@ -486,12 +494,18 @@ class Installation:
             text = [im.instruction for im in ims] if self.needs_text else None
             # pre: reduce the projector's input, then project it (LLaVA's projector is per token).
             feats = torch.stack([im.signals["hidden"][im.index] if pre else im.feats for im in ims])
-            reduced, local = reduce_vision(resized(stage, ims[0].keeps[i]), feats, scores, metric, protected, layout,
-                                           cls=cls, text=text)
+            sized = resized(stage, ims[0].keeps[i])
+            reduced, local = reduce_vision(sized, feats, scores, metric, protected, layout, cls=cls, text=text)
             if pre:
                 reduced = self.adapter.project(reduced).to(ims[0].feats.dtype)
+            companions = None
+            if ims[0].companions is not None:
+                companions = reduce_companions(sized, torch.stack([im.companions for im in ims]), local, feats,
+                                               scores, metric, protected, layout)
             for j, im in enumerate(ims):
                 im.feats, im.index = reduced[j], im.index[local[j]]
+                if companions is not None:
+                    im.companions = companions[j]
                 # Later stages keep no more than this one left (own_count, or pool's whole frames).
                 im.keeps[i:] = [min(k, im.index.numel()) for k in im.keeps[i:]]
         return [im.index for im in images]
@@ -634,8 +648,14 @@ class Installation:
 
         @functools.wraps(original)
         def get_image_features(*args, **kwargs):
+            if self._encoding:  # called by the other wrapped encoder (Qwen3-VL's video encoder calls the image's)
+                return original(*args, **kwargs)
             self._captured.clear()
-            out = self._encode(original, signature, args, kwargs)
+            self._encoding = True
+            try:
+                out = self._encode(original, signature, args, kwargs)
+            finally:
+                self._encoding = False
             arguments = signature.bind(*args, **kwargs).arguments
             arguments = {**arguments.pop("kwargs", {}), **arguments}
             signals: dict[str, list[torch.Tensor]] = {}
@@ -708,6 +728,8 @@ class Image:
     protected: torch.Tensor | None  # per original token: kept at every stage
     keeps: list[int]  # what each stage of the plan keeps of it
     index: torch.Tensor  # which original tokens ``feats`` stand for
+    # Per-token tensors reduced exactly as ``feats`` (the adapter's companions: Qwen3-VL's DeepStack), or None.
+    companions: torch.Tensor | None = None
     # The input embeddings of the instruction it is asked about ``[M, D]`` (read by ``cdpruner``), or None.
     instruction: torch.Tensor | None = None
 

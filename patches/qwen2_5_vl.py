@@ -34,6 +34,7 @@ positions (temporal, height, width) computed from the whole original prompt.
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 
@@ -57,6 +58,8 @@ class Qwen2_5_VLAdapter(Adapter):
     row_inputs = ("mm_token_type_ids",)
     # Survivors keep their original 3-D positions unless a method is given ``positions`` explicitly.
     default_positions = "keep"
+    # Each entry's tokens are a grid per temporal group (:meth:`layout`), which ``pool`` pools.
+    has_layout = True
     # Images come in any size: plans are compiled for a reference image of 1,024 tokens (896x896
     # pixels, 32x32 merged patches); an image of n tokens keeps the same fraction (Plan.keeps_for).
     reference_tokens = 1024
@@ -74,6 +77,7 @@ class Qwen2_5_VLAdapter(Adapter):
             has_cls=False,
             tiled=True,  # images of different sizes, not one square grid
             resizable=True,
+            grids=True,  # but one grid per image (per temporal group of a video): see layout()
             # The last full-attention block: every patch attends to its whole image there.
             received_layer=max((i for i in self.model.config.vision_config.fullatt_block_indexes if i < depth),
                                default=None),
@@ -124,8 +128,8 @@ class Qwen2_5_VLAdapter(Adapter):
         """Per tower patch (window order), the attention it receives in ``module``, averaged over heads and
         over the queries of its attention span (``cu_seqlens``: its image at a full-attention block), from
         the module's own ``qkv``, vision RoPE and scaling; queries in blocks to bound memory."""
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-
+        # The tower's own vision RoPE, from the module that defines its attention (Qwen2.5-VL, Qwen3-VL).
+        apply_rotary_pos_emb_vision = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
         n = hidden.shape[0]
         q, k, _ = module.qkv(hidden).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = kwargs["position_embeddings"]
@@ -158,6 +162,20 @@ class Qwen2_5_VLAdapter(Adapter):
         x = x.reshape(-1, unit, x.shape[-1]).mean(dim=1)[torch.argsort(window_index.to(x.device))]
         entries = x.split((grid.prod(-1) // unit).tolist())
         return [e[:, 0] if scalar else e for e in entries]
+
+    def layout(self, arguments: dict) -> list[dict[str, torch.Tensor]]:
+        """Per entry (image or video), each token's temporal group (``frame``), ``row`` and ``col`` in its merged
+        grid (raster order per group), from ``image_grid_thw`` / ``video_grid_thw``: ``pool`` pools each group's
+        grid."""
+        grid = arguments["image_grid_thw"] if "image_grid_thw" in arguments else arguments["video_grid_thw"]
+        merge = self.base().visual.spatial_merge_size
+        out = []
+        for t, h, w in grid.tolist():
+            f, r, c = torch.meshgrid(torch.arange(t), torch.arange(h // merge), torch.arange(w // merge),
+                                     indexing="ij")
+            out.append({"frame": f.flatten().to(grid.device), "row": r.flatten().to(grid.device),
+                        "col": c.flatten().to(grid.device)})
+        return out
 
     def downsample(self, arguments: dict, keep_for) -> tuple[dict, list[torch.Tensor], list[int]]:
         """Each image rebuilt from its patches, resized (bicubic) to the merged-token grid

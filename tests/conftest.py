@@ -15,11 +15,12 @@ torch.set_num_threads(1)
 BACKENDS = [("sdpa", "llama"), ("eager", "llama"), ("sdpa", "qwen2")]
 FAMILIES = [("sdpa", "llama", "llava_next"), ("sdpa", "qwen2", "internvl"), ("eager", "llama", "internvl"),
             ("sdpa", "qwen2", "qwen2_5_vl"), ("eager", "qwen2", "qwen2_5_vl"),
+            ("sdpa", "qwen3", "qwen3_vl"), ("eager", "qwen3", "qwen3_vl"),
             ("sdpa", "qwen2", "llava_onevision"), ("eager", "qwen2", "llava_onevision")]
 # Families whose images differ in size (cases count tokens as fractions of each image).
-TILED = ("llava_next", "internvl", "qwen2_5_vl", "llava_onevision")
+TILED = ("llava_next", "internvl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
 # Methods a family's tower cannot serve (no [CLS] token, no square grid, no tiles' regions).
-NO_CLS = ("qwen2_5_vl", "llava_onevision")
+NO_CLS = ("qwen2_5_vl", "qwen3_vl", "llava_onevision")
 # Cases of the shared matrix: (method, parameters) at budgets that reduce tokens on the tiny
 # model (16 tokens per image, 6 layers), plus position-policy variants.
 METHODS = {
@@ -67,9 +68,9 @@ def method_cases() -> list[str]:
 def applies(backend: tuple, case: str) -> bool:
     """Whether a case's method runs on a backend's family: ``pool`` needs a square token grid
     (not tiled images), ``tome`` a tower whose tokens are the features (not tiled images),
-    ``hired`` LLaVA-NeXT's tile regions; Qwen2.5-VL's tower has no [CLS] token and its positions are
-    3-D (kept). The refusals are tested in tests/test_families.py
-    and tests/test_tome.py."""
+    ``hired`` LLaVA-NeXT's tile regions; Qwen's towers have no [CLS] token and its positions are
+    3-D (kept), and each of its images is one grid (``pool`` applies). The refusals are tested in
+    tests/test_families.py and tests/test_tome.py."""
     family = backend[2] if len(backend) > 2 else "llava"
     method = METHODS[case][0]
     names = method if isinstance(method, list) else method.split("+")
@@ -81,9 +82,10 @@ def applies(backend: tuple, case: str) -> bool:
         # tests/test_llava_onevision.py), 1-D positions (compact ones too).
         return not set(names) & {"vtc_cls", "hired", "pool", "tome"}
     if family in NO_CLS:
-        # Qwen2.5-VL keeps 3-D positions and refuses compact ones (tests/test_qwen2_5_vl.py).
+        # Qwen keeps 3-D positions and refuses compact ones at layer stages (tests/test_qwen2_5_vl.py); pool
+        # pools each image's own grid there.
         cls = {"vtc_cls", "hired"}  # visionzip scores by the attention patches receive there
-        return not (set(names) & (cls | set(untiled))) and METHODS[case][1].get("positions") != "compact"
+        return not (set(names) & (cls | {"tome"})) and METHODS[case][1].get("positions") != "compact"
     return not (set(names) & set(untiled) and family in TILED) and not ("hired" in names and family != "llava_next")
 
 

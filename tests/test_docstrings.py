@@ -18,7 +18,7 @@ MODULES = [
     "vtc.ops.cluster",
     "vtc.methods.schedule", "vtc.methods.psigmoid", "vtc.eval.search", "vtc.eval.report", "vtc.eval.meter",
     "vtc.methods.hired", "vtc.patches.adapter", "vtc.patches.llava", "vtc.patches.llava_next", "vtc.patches.internvl",
-    "vtc.patches.qwen2_5_vl", "vtc.patches.llava_onevision",
+    "vtc.patches.qwen2_5_vl", "vtc.patches.llava_onevision", "vtc.patches.qwen3_vl", "vtc.ops.grid",
     "vtc.patches.decoder", "vtc.patches.tome", "vtc.testing", "vtc.api",
 ]
 

@@ -69,10 +69,16 @@ def test_full_budget_is_identity(model, inputs, case):
 
 
 def llm_inputs(model):
-    """Record the embeddings the language model receives (first call: the prefill)."""
+    """Record the embeddings the language model receives (first call: the prefill); with DeepStack features
+    (Qwen3-VL), a dict of them, ``visual_pos_masks`` and ``deepstack_visual_embeds``."""
     seen = []
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["inputs_embeds"]) if not seen else None, with_kwargs=True)
+
+    def record(m, a, k):
+        if not seen:
+            deep = {n: k[n] for n in ("visual_pos_masks", "deepstack_visual_embeds") if k.get(n) is not None}
+            seen.append({"inputs_embeds": k["inputs_embeds"], **deep} if deep else k["inputs_embeds"])
+
+    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
     return seen, handle
 
 
@@ -87,7 +93,8 @@ def traced(model, inputs, run, method, **params):
     finally:
         handle.remove()
         vtc.remove(model)
-    return result, survivors(model, inputs["input_ids"], plan, stats.kept), seen[0], stats
+    stages = survivors(model, inputs["input_ids"], plan, stats.kept, inputs.get("video_grid_thw"))
+    return result, stages, seen[0], stats
 
 
 def assert_rows_match(logits, ref, rows, attention_mask):

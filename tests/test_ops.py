@@ -142,3 +142,20 @@ def test_attention_pagerank_matches_dense_pagerank_over_eager_weights():
         torch.testing.assert_close(
             ops.query_attention(layer, captured["h"], captured["pe"], key_mask=mask.bool(), projections=projections),
             ops.query_attention(layer, captured["h"], captured["pe"], key_mask=mask.bool()), atol=1e-7, rtol=1e-5)
+
+
+def test_grid_fit_is_pools_rule_on_a_square_and_keeps_a_rectangles_shape():
+    from vtc.ops.grid import grid_fit
+    from vtc.ops.reduce import grid_shape
+
+    for k in range(1, 577):  # LLaVA's rule wherever its grid fits in the 24x24 grid
+        if grid_shape(k)[1] <= 24:
+            assert grid_fit(24, 24, k) == grid_shape(k)
+    for h, w in [(4, 6), (6, 4), (2, 16), (12, 30), (32, 20)]:
+        assert grid_fit(h, w, h * w) == (h, w)
+        for k in range(1, h * w + 1):
+            r, c = grid_fit(h, w, k)
+            assert 1 <= r <= h and 1 <= c <= w and r * c <= k
+            if r > 1 and c > 1:  # as elongated as the grid along its long side, at most twice as much
+                long, short = (c / r, w / h) if w >= h else (r / c, h / w)
+                assert short <= long <= 2 * short

@@ -1,5 +1,6 @@
 """Qwen2.5-VL specifics: 3-D positions kept through decoding, tower signals mapped through the
-window order and the 2x2 merger, refusals (no [CLS] token, compact positions), video reduced like images.
+window order and the 2x2 merger, refusals (no [CLS] token, compact positions), video reduced like images, pool on
+each image's own grid.
 The shared matrix (tests/test_equivalence.py) runs every applicable method on this family too."""
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def test_compact_positions_at_layer_stages_are_refused(model):
 def _llm_calls(model):
     seen = []
     handle = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: seen.append((k["inputs_embeds"], k["position_ids"], k["attention_mask"])), with_kwargs=True)
+        lambda m, a, k: seen.append((k["inputs_embeds"], k["position_ids"], k["attention_mask"],
+                                     {n: k[n] for n in ("visual_pos_masks", "deepstack_visual_embeds")
+                                      if k.get(n) is not None})), with_kwargs=True)
     return seen, handle
 
 
@@ -137,7 +140,7 @@ def test_compact_decoding_continues_after_the_compacted_prompt(model, loop):
                     cache = step.cache
     finally:
         handle.remove()
-    embeds, pos, mask = seen[0]
+    embeds, pos, mask, deepstack = seen[0]  # deepstack: Qwen3-VL's DeepStack arguments, added at visual rows
     spatial = pos[-3:]
     end = spatial.amax(dim=(0, 2)) + 1
     full_end = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
@@ -150,11 +153,14 @@ def test_compact_decoding_continues_after_the_compacted_prompt(model, loop):
             e = torch.cat([embeds, lm.embed_tokens(tokens[:, :t])], dim=1)
             p = torch.cat([spatial, (end[:, None] + torch.arange(t))[None].expand(3, -1, -1)], dim=2)
             m = torch.cat([mask, torch.ones_like(tokens[:, :t])], dim=1)
-            h = lm(inputs_embeds=e, position_ids=p, attention_mask=m).last_hidden_state
+            extra = dict(deepstack)
+            if extra:  # the new tokens are no visual rows
+                extra["visual_pos_masks"] = torch.cat([extra["visual_pos_masks"], torch.zeros_like(m[:, :t]).bool()], 1)
+            h = lm(inputs_embeds=e, position_ids=p, attention_mask=m, **extra).last_hidden_state
             torch.testing.assert_close(logits[t], model.lm_head(h)[:, -1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["vtc_cls", "hired", "pool", "tome"])
+@pytest.mark.parametrize("method", ["vtc_cls", "hired", "tome"])
 def test_methods_the_tower_cannot_serve_are_refused(model, method):
     with pytest.raises(MethodNotApplicableError, match="use "):
         vtc.plan(model, method, budget=0.5)
@@ -189,7 +195,8 @@ def test_adapter_chosen_by_class_and_model_type(tmp_path):
 
 VIDEO_CASES = [("random", {"budget": 0.5, "seed": 1}), ("merge", {"budget": 0.4}), ("fastv", {"budget": 0.6}),
                ("pdrop", {"budget": 0.5}), ("visionzip", {"budget": 0.5}),
-               ("divprune", {"budget": 0.3}), ("random+fastv", {"budget": 0.6, "seed": 2, "fastv.layer": 1})]
+               ("divprune", {"budget": 0.3}), ("pool", {"budget": 0.25}),
+               ("random+fastv", {"budget": 0.6, "seed": 2, "fastv.layer": 1})]
 VIDEO_IDS = [c[0] for c in VIDEO_CASES]
 
 
@@ -403,3 +410,62 @@ def test_received_attention_equals_the_towers_eager_attention(model):
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e.float(), atol=1e-6, rtol=1e-5)
     assert vtc.plan(model, "visionzip", budget=0.5).stages[0].scorer.kind == "received_attention"
+
+
+
+def pool_check(model, positions):
+    """Images of 4x4 and 4x6 merged tokens and (positions kept) a video of two 4x4 groups, pooled to a quarter
+    of their tokens: every grid pools 2x2 blocks (4x4 -> 2x2, 4x6 -> 2x3, each temporal group alone). Each pooled
+    token is the mean of its block, kept at the block's token (1, 1) and (kept positions) its 3-D position; under
+    compact positions each image spans a 2x2 or 2x3 grid. Returns the LLM's input and the inputs."""
+    import torch.nn.functional as F
+
+    from .reference import survivors
+
+    videos = [[(4, 8, 8)], []] if positions == "keep" else None
+    inputs = qwen_inputs(model, images=[[(8, 8)], [(8, 12)]], videos=videos, pad=[0, 2], seed=4)
+    seen = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k) if not seen else None, with_kwargs=True)
+    try:
+        with vtc.compressed(model, "pool", budget=0.25, positions=positions), torch.no_grad():
+            model(**inputs)
+            plan, kept = model._vtc.plan, vtc.stats(model).kept
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        entries = list(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+        grids = inputs["image_grid_thw"].tolist()
+        if videos:
+            entries += list(model.model.get_video_features(inputs["pixel_values_videos"],
+                                                           inputs["video_grid_thw"]).pooler_output)
+            grids += inputs["video_grid_thw"].tolist()
+    pooled = []
+    for g, (entry, (t, h, w)) in enumerate(zip(entries, grids)):
+        grid = entry.view(t, h // 2, w // 2, -1).permute(0, 3, 1, 2)
+        pooled.append(F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2).reshape(-1, entry.shape[-1]))
+        r, c = torch.meshgrid(torch.arange(1, h // 2, 2), torch.arange(1, w // 2, 2), indexing="ij")
+        centers = torch.arange(t)[:, None] * (h // 2) * (w // 2) + (r * (w // 2) + c).flatten()
+        assert torch.equal(kept["vision"][g], centers.flatten())
+    (_, rows, _), = survivors(model, inputs["input_ids"], plan, kept, inputs.get("video_grid_thw"))
+    ids, llm = inputs["input_ids"], seen[0]
+    full, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+                                         video_grid_thw=inputs.get("video_grid_thw"),
+                                         attention_mask=inputs["attention_mask"])
+    mine = {0: [0, 2] if videos else [0], 1: [1]}  # each sample's entries in prompt order
+    for b, r in enumerate(rows):
+        visual = (ids[b, r] == model.config.image_token_id) | (ids[b, r] == model.config.video_token_id)
+        got = llm["inputs_embeds"][b, -r.numel():][visual]
+        torch.testing.assert_close(got, torch.cat([pooled[g] for g in mine[b]]), atol=1e-5, rtol=1e-5)
+        pos = llm["position_ids"][-3:, b, -r.numel():]
+        if positions == "keep":
+            assert torch.equal(pos, full[:, b, r])
+        else:
+            image = pos[:, visual & (ids[b, r] == model.config.image_token_id)]
+            assert sorted({len(set(image[1].tolist())), len(set(image[2].tolist()))}) == ([2] if b == 0 else [2, 3])
+    return llm, inputs, rows
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+def test_pool_averages_each_grid_to_its_share(model, positions):
+    pool_check(model, positions)

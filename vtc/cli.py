@@ -81,6 +81,11 @@ def _meta_model(name: str):
 
         with torch.device("meta"):
             return llava_onevision_shaped()
+    if name == "qwen3-vl-shape":
+        from vtc.testing import qwen3_vl_shaped
+
+        with torch.device("meta"):
+            return qwen3_vl_shaped()
     if name in ("llava-1.5-shape", "llava-next-shape", "qwen2.5-vl-shape"):
         from vtc.testing import llava15_shaped, llava_next_shaped, qwen2_5_vl_shaped
 
@@ -206,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("models", help="list the supported model classes").set_defaults(fn=cmd_models)
     p = sub.add_parser("plan", help="print the plan a method compiles to on a model (no weights loaded)")
     p.add_argument("--model", default="llava-1.5-shape",
-                   help="hub id or path (config only), or llava-1.5-shape / llava-next-shape / qwen2.5-vl-shape"
-                        " / llava-onevision-shape")
+                   help="hub id or path (config only), or llava-1.5-shape / llava-next-shape / qwen2.5-vl-shape /"
+                        " qwen3-vl-shape / llava-onevision-shape")
     p.add_argument("--method", required=True)
     p.add_argument("--budget", type=_budget_arg, default=None, help="tokens per image (int) or fraction (float)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a native parameter")

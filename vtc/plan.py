@@ -51,6 +51,9 @@ class ModelInfo:
     received_layer: int | None = None
     # The tower can encode the image at a smaller size, giving fewer tokens itself (``downsample``).
     resizable: bool = False
+    # Each image's tokens are one rectangular grid per temporal group, placed by the adapter's layout (``frame``,
+    # ``row``, ``col``; Qwen): ``pool`` pools each grid.
+    grids: bool = False
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,8 @@ def reduce_vision(
         keep = ops.dpp_select(feats, relevance, stage.keep)
         return ops.gather_tokens(feats, keep), keep
     if stage.reducer == "pool":
+        if layout is not None and "frame" in layout:  # rectangular grids, one per temporal group (Qwen)
+            return ops.pool_frames(feats, stage.keep, layout["frame"], layout["row"], layout["col"])
         return ops.pool_grid(feats, stage.keep)
     if stage.reducer == "merge":
         return ops.merge_to(feats, metric if metric is not None else feats, stage.keep)
@@ -92,6 +94,38 @@ def reduce_vision(
         return ops.dominant_and_context(feats, scores, metric if metric is not None else feats, dominant,
                                         stage.keep - dominant, cls if options.get("cls") else None)
     raise ValueError(f"unknown reducer {stage.reducer!r}")
+
+
+# Reducers whose output is their input gathered at the indices they return (nothing is mixed).
+SELECTIONS = frozenset({"topk", "divprune", "hired", "vispruner", "cdpruner"})
+
+
+def reduce_companions(
+    stage: Stage, companions: torch.Tensor, local: torch.Tensor, feats: torch.Tensor, scores: torch.Tensor | None,
+    metric: torch.Tensor | None, protected: torch.Tensor | None = None, layout: dict | None = None,
+) -> torch.Tensor:
+    """Per-token tensors ``companions`` ``[I, n, C]`` that ride along with ``feats`` (Qwen3-VL's DeepStack
+    features), reduced exactly as :func:`reduce_vision` reduced ``feats`` to the tokens at ``local``: gathered
+    after a selection; after a merge or pool, merged by the same rule on the same signals, with ``feats`` as
+    the metric where the stage merges by features, so the same groups and weights. A reducer whose groups
+    would depend on the merged values is refused.
+
+    Example:
+        >>> from vtc.plan import Scorer
+        >>> f, extra = torch.randn(1, 16, 4), torch.randn(1, 16, 2)
+        >>> stage = Stage("vision", Scorer("none"), 5, reducer="merge")
+        >>> merged, local = reduce_vision(stage, f, None, None)
+        >>> both, _ = reduce_vision(stage, torch.cat([f, extra], -1), None, f)
+        >>> torch.allclose(reduce_companions(stage, extra, local, f, None, None), both[..., 4:])
+        True
+    """
+    if stage.reducer in SELECTIONS:
+        return ops.gather_tokens(companions, local)
+    again, where = reduce_vision(stage, companions, scores, feats if metric is None else metric, protected, layout)
+    if not torch.equal(where, local):
+        raise ValueError(f"vision reducer {stage.reducer!r} cannot reduce the model's per-token companion features "
+                         f"(Qwen3-VL's DeepStack) as it reduced the tokens; use another pre-LLM method")
+    return again
 
 
 def _hired_official(stage: Stage, feats, scores, metric, layout) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,11 +57,11 @@ def tiny_llava(
 # Image layouts tiny_inputs takes turns with, per tiled family (tiles of the tiny models; Qwen2.5-VL:
 # (rows, cols) of 14px patches, i.e. 16, 24 and 24 tokens after the 2x2 merger).
 LAYOUTS = {"llava_next": [(56, 112), (112, 112), (112, 56)], "internvl": [3, 5, 2],
-           "qwen2_5_vl": [(8, 8), (8, 12), (12, 8)]}
+           "qwen2_5_vl": [(8, 8), (8, 12), (12, 8)], "qwen3_vl": [(8, 8), (8, 12), (12, 8)]}
 
 
 def tiny_model(family: str = "llava", **kwargs):
-    """A tiny random model of ``family`` (``llava``, ``llava_next``, ``internvl``, ``qwen2_5_vl``).
+    """A tiny random model of ``family`` (``llava``, ``llava_next``, ``internvl``, ``qwen2_5_vl``, ``qwen3_vl``).
 
     Example:
         >>> type(tiny_model("internvl", layers=1, vision_layers=1)).__name__
@@ -70,7 +70,7 @@ def tiny_model(family: str = "llava", **kwargs):
     if family == "llava_onevision":
         return tiny_llava_onevision(**kwargs)
     builders = {"llava": tiny_llava, "llava_next": tiny_llava_next, "internvl": tiny_internvl,
-                "qwen2_5_vl": tiny_qwen2_5_vl}
+                "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
     if family == "internvl":
         kwargs.setdefault("text_model", "qwen2")
     return builders[family](**kwargs)
@@ -158,7 +158,7 @@ def tiny_inputs(
         layout = [[options[(b + i) % len(options)] for i in range(images)] for b in range(batch)]
         if cfg.model_type == "llava_onevision":
             return onevision_inputs(model, images=layout, text=text, pad=pad, seed=seed)
-        if cfg.model_type == "qwen2_5_vl":
+        if cfg.model_type in ("qwen2_5_vl", "qwen3_vl"):
             return qwen_inputs(model, images=layout, text=text, pad=pad, seed=seed)
         return tiled_inputs(model, images=layout, text=text, pad=pad, seed=seed)
     n = cfg.image_seq_length
@@ -449,6 +449,57 @@ def tiny_qwen2_5_vl(
     return _instantiate(Qwen2_5_VLForConditionalGeneration, config, attn, dtype)
 
 
+def tiny_qwen3_vl(
+    *,
+    layers: int = 6,
+    hidden: int = 96,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 128,
+    vision_layers: int = 3,
+    vision_hidden: int = 64,
+    deepstack: tuple[int, ...] = (0, 1, 2),
+    moe: bool = False,
+    attn: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    text_model: str = "qwen3",
+):
+    """A randomly initialised ``Qwen3VLForConditionalGeneration`` (``moe``: ``Qwen3VLMoeForConditionalGeneration``,
+    4 experts, 2 per token), in eval mode: a ``vision_layers``-deep ViT (16px patches, full attention), the 2x2
+    merger, DeepStack features from vision blocks ``deepstack`` (added after the LLM's first ``len(deepstack)``
+    layers), and a Qwen3 LM (q/k norms) with interleaved M-RoPE sections ``[4, 4, 4]`` (head_dim 24). The image
+    token is the last vocabulary id, the video token the one before (``text_model`` is ignored).
+
+    Example:
+        >>> m = tiny_qwen3_vl(layers=2, vision_layers=1, deepstack=(0,))
+        >>> inputs = qwen_inputs(m, images=[[(8, 12)]])
+        >>> m(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+        True
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = {"hidden_size": hidden, "intermediate_size": hidden * 2, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
+            "vocab_size": vocab, "max_position_embeddings": 8192, "pad_token_id": 0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4],
+                                "mrope_interleaved": True}}
+    vision = {"depth": vision_layers, "hidden_size": vision_hidden, "intermediate_size": vision_hidden * 2,
+              "num_heads": 4, "out_hidden_size": hidden, "patch_size": 16, "spatial_merge_size": 2,
+              "temporal_patch_size": 2, "num_position_embeddings": 256, "deepstack_visual_indexes": list(deepstack)}
+    ids = {"image_token_id": vocab - 1, "video_token_id": vocab - 2, "vision_start_token_id": 1,
+           "vision_end_token_id": 2}
+    if moe:
+        from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden, decoder_sparse_step=1)
+        config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)
+        return _instantiate(Qwen3VLMoeForConditionalGeneration, config, attn, dtype)
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    return _instantiate(Qwen3VLForConditionalGeneration, config, attn, dtype)
+
+
 def qwen_inputs(
     model,
     *,
@@ -458,16 +509,18 @@ def qwen_inputs(
     seed: int = 0,
     videos: list[list[tuple[int, int, int]]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Random left-padded Qwen2.5-VL prompts; ``images[b]`` lists each image's ``(rows, cols)`` of patches
+    """Random left-padded Qwen2.5-VL or Qwen3-VL prompts; ``images[b]`` lists each image's ``(rows, cols)`` of patches
     (even numbers: ``rows * cols / 4`` tokens). Returns ``input_ids``, ``attention_mask``, ``pixel_values``
     (``[patches, 3 * 2 * 14 * 14]``), ``image_grid_thw`` and ``mm_token_type_ids``, as the processor does.
     ``videos[b]`` lists videos ``(frames, rows, cols)`` (even frames: ``frames/2 * rows * cols / 4``
-    tokens) placed after sample ``b``'s images; then ``pixel_values_videos`` and ``video_grid_thw`` too.
+    tokens) placed after sample ``b``'s images; then ``pixel_values_videos`` and ``video_grid_thw`` too. On
+    Qwen3-VL a video is one run of placeholders per temporal group, each after two (timestamp) text tokens.
     """
     cfg = model.config
     token, unit = cfg.image_token_id, cfg.vision_config.spatial_merge_size ** 2
     tp = cfg.vision_config.temporal_patch_size
     words_up_to = min(token, cfg.video_token_id)
+    split = cfg.model_type.startswith("qwen3_vl")
     gen = torch.Generator().manual_seed(seed)
     pad = pad or [0] * len(images)
     videos = videos or [[] for _ in images]
@@ -477,7 +530,13 @@ def qwen_inputs(
         pieces, cut = [], torch.linspace(0, text, len(sample) + 2).long().tolist()
         for i, (h, w) in enumerate(sample):
             pieces += [words[cut[i]: cut[i + 1]], torch.full((h * w // unit,), token)]
-        pieces += [torch.full((t // tp * h * w // unit,), cfg.video_token_id) for t, h, w in clips]
+        for t, h, w in clips:
+            if split:  # Qwen3-VL: one run per temporal group, each after its timestamp text (two tokens here)
+                for _ in range(t // tp):
+                    pieces += [torch.randint(3, words_up_to, (2,), generator=gen),
+                               torch.full((h * w // unit,), cfg.video_token_id)]
+            else:
+                pieces.append(torch.full((t // tp * h * w // unit,), cfg.video_token_id))
         pieces.append(words[cut[len(sample)]:])
         seqs.append(torch.cat(pieces))
     width = max(len(s) + p for s, p in zip(seqs, pad))
@@ -519,8 +578,12 @@ def _split_qwen(inputs: dict) -> list[dict]:
     if "video_grid_thw" in inputs:  # each sample's videos, one run of video rows each
         vgrid, video, start = inputs["video_grid_thw"], 0, 0
         counts = [0] * len(out)
-        for b, _ in runs(inputs["mm_token_type_ids"] == 2):
-            counts[b] += 1
+        sizes = (vgrid.prod(-1) // 4).tolist()  # tokens of each video, after the 2x2 merger
+        filled = 0  # tokens of the current video seen so far (Qwen3-VL: one run per temporal group)
+        for b, r in runs(inputs["mm_token_type_ids"] == 2):
+            filled += r.numel()
+            if filled == sizes[sum(counts)]:
+                counts[b], filled = counts[b] + 1, 0
         for sample, n in zip(out, counts):
             size = int(vgrid[video: video + n].prod(-1).sum())
             if n:
@@ -530,10 +593,19 @@ def _split_qwen(inputs: dict) -> list[dict]:
     return out
 
 
-def qwen2_5_vl_shaped(*, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0):
+def _sections(full: list[int], head_dim: int) -> list[int]:
+    """M-RoPE sections ``full`` (for head_dim 128) scaled to ``head_dim``, summing to ``head_dim / 2``."""
+    out = [round(x * head_dim / 128) for x in full]
+    out[0] += head_dim // 2 - sum(out)
+    return out
+
+
+def qwen2_5_vl_shaped(*, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0, width: int = 3584,
+                      vision_width: int = 1280, layers: int = 28, head_dim: int = 128):
     """Qwen2.5-VL-7B-Instruct's geometry with random weights (build it under ``torch.device("meta")`` for a
     plan): a 32-block ViT of width 1280 (windows of 112px, full attention in blocks 7, 15, 23, 31), the 2x2
     merger, a 28-layer LM of width 3584 (28 heads, 4 KV heads, MLP 18944, M-RoPE sections [16, 24, 24]).
+    ``width``, ``vision_width``, ``layers``, ``head_dim``: a reduced shape (benchmarks), ratios kept.
 
     Example:
         >>> with torch.device("meta"):
@@ -544,15 +616,52 @@ def qwen2_5_vl_shaped(*, attn: str = "sdpa", dtype: torch.dtype = torch.float32,
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    text = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-            "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 128000,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
-    vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 3584,
+    heads = max(1, width // head_dim)
+    text = {"hidden_size": width, "intermediate_size": round(width * 18944 / 3584), "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 7), "vocab_size": 152064,
+            "max_position_embeddings": 128000,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                "mrope_section": _sections([16, 24, 24], head_dim)}}
+    vision = {"depth": 32, "hidden_size": vision_width, "intermediate_size": round(vision_width * 3420 / 1280),
+              "num_heads": 16, "out_hidden_size": width,
               "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
               "fullatt_block_indexes": [7, 15, 23, 31]}
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
                               vision_start_token_id=151652, vision_end_token_id=151653)
     return _instantiate(Qwen2_5_VLForConditionalGeneration, config, attn, dtype)
+
+
+def qwen3_vl_shaped(*, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0, width: int = 4096,
+                    vision_width: int = 1152, layers: int = 36, head_dim: int = 128):
+    """Qwen3-VL-8B-Instruct's geometry with random weights (build it under ``torch.device("meta")`` for a plan): a
+    27-block ViT of width 1152 (16px patches, full attention), the 2x2 merger, DeepStack from blocks 8, 16 and 24
+    into the LM's first 3 layers, a 36-layer LM of width 4096 (32 heads, 8 KV heads, head_dim 128, MLP 12288,
+    interleaved M-RoPE sections [24, 20, 20], rope_theta 5e6). Sizes: the vision config's defaults in
+    transformers' ``configuration_qwen3_vl.py`` (the 8B's tower) and the 8B's published text config. ``width``,
+    ``vision_width``, ``layers``, ``head_dim``: a reduced shape (benchmarks), ratios kept.
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = qwen3_vl_shaped()
+        >>> model.config.text_config.num_hidden_layers, model.config.vision_config.deepstack_visual_indexes
+        (36, [8, 16, 24])
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    heads = max(1, width // head_dim)
+    text = {"hidden_size": width, "intermediate_size": width * 3, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 4), "head_dim": head_dim,
+            "vocab_size": 151936, "max_position_embeddings": 262144,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                "mrope_section": _sections([24, 20, 20], head_dim), "mrope_interleaved": True}}
+    vision = {"depth": 27, "hidden_size": vision_width, "intermediate_size": round(vision_width * 4304 / 1152),
+              "num_heads": 16, "out_hidden_size": width,
+              "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
+              "deepstack_visual_indexes": [8, 16, 24]}
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
+                           vision_start_token_id=151652, vision_end_token_id=151653)
+    return _instantiate(Qwen3VLForConditionalGeneration, config, attn, dtype)
 
 
 def tiny_llava_onevision(

@@ -4,7 +4,8 @@ Nothing here knows a model family: selection (:func:`topk_keep`, :func:`gather_t
 attention scores from a module's own projections (:func:`query_attention`,
 :func:`cls_attention`), merging (:func:`bipartite_soft_matching`, :func:`merge_to`,
 :func:`dominant_and_context`; :func:`tome_matching` inside a ViT block) and pooling
-(:func:`pool_grid`); diversity (:func:`divprune_select`, :func:`vispruner_select`,
+(:func:`pool_grid`; :func:`pool_frames` for rectangular grids per temporal group);
+diversity (:func:`divprune_select`, :func:`vispruner_select`,
 :func:`dpp_select` with :func:`instruction_relevance`); the image resized for the tower
 (:func:`resize_images`, :func:`downsampled_grid`, :func:`grid_centres`); duplication (:func:`dart_select`);
 text relevance (:func:`select_raters`, :func:`rater_relevance`, :func:`queries_attention`); recycling
@@ -31,6 +32,7 @@ from .cluster import dpc_merge, recycle_split, recycled
 from .diversity import divprune_select, vispruner_select
 from .dpp import dpp_select, instruction_relevance
 from .duplication import dart_select, pivot_shares
+from .grid import grid_fit, pool_frames
 from .merge import bipartite_soft_matching, merge_weighted, tome_matching
 from .reduce import dominant_and_context, hired_official, hired_select, merge_to, pool_grid, share
 from .relevance import rater_relevance, select_raters
@@ -50,6 +52,7 @@ __all__ = [
     "dpp_select",
     "gather_tokens",
     "grid_centres",
+    "grid_fit",
     "hired_official",
     "hired_select",
     "instruction_relevance",
@@ -58,6 +61,7 @@ __all__ = [
     "merge_to",
     "merge_weighted",
     "pivot_shares",
+    "pool_frames",
     "pool_grid",
     "queries_attention",
     "query_attention",

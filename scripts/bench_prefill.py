@@ -1,7 +1,8 @@
 """Prefill benchmark: a method's wall-clock time against the *ideal* time for the same
 per-layer token counts, on a LLaVA-1.5-shaped (576 visual tokens) or LLaVA-NeXT-shaped
 (one 672x672 image: 2,928 tokens) or LLaVA-OneVision-shaped (one 768x768 image: 3,699 tokens; or
-``--video`` frames of 196 tokens each) model of reduced width (random weights).
+``--video`` frames of 196 tokens each) or Qwen2.5-VL-7B / Qwen3-VL-8B-shaped (one image of 1,024 tokens:
+896x896 / 1024x1024 pixels) model of reduced width (random weights).
 
 For the unpatched model and each method at each budget it prints: prefill time (median of
 interleaved rounds), the ideal time (the vision tower and the unpatched decoder layers run
@@ -12,6 +13,7 @@ memory above the weights.
     python scripts/bench_prefill.py                     # CPU, float32, sdpa
     python scripts/bench_prefill.py --family llava_next --budgets 1.0,0.5,0.25,0.1
     python scripts/bench_prefill.py --family llava_onevision --layers 28 --budgets 0.5,0.1 [--video 32]
+    python scripts/bench_prefill.py --family qwen3_vl --layers 36 --budgets 0.5,0.25,0.1
     python scripts/bench_prefill.py --device cuda --dtype bfloat16 --width 4096 --vision-width 1024
 """
 
@@ -33,10 +35,14 @@ from vtc.testing import (
     llava_onevision_shaped,
     onevision_inputs,
     onevision_video_tokens,
+    qwen2_5_vl_shaped,
+    qwen3_vl_shaped,
+    qwen_inputs,
     tiled_inputs,
     tiny_inputs,
 )
 
+QWEN = {"qwen2_5_vl": "Qwen2.5-VL-7B", "qwen3_vl": "Qwen3-VL-8B"}  # families with 3-D M-RoPE positions
 IMAGE = {"llava_next": (672, 672),  # LLaVA-NeXT's largest square image: a base image and 2x2 tiles
          "llava_onevision": (768, 768)}  # LLaVA-OneVision: a base tile and 2x2 tiles (54x54 tokens, no downscaling)
 
@@ -47,7 +53,8 @@ def ideal_prefill(model, inputs, lengths: list[int]):
     cache = {}
     for n in set(lengths):
         h = torch.zeros(1, n, lm.config.hidden_size, device=model.device, dtype=model.dtype)
-        pe = lm.rotary_emb(h, torch.arange(n, device=model.device)[None])
+        pos = torch.arange(n, device=model.device)[None]
+        pe = lm.rotary_emb(h, pos[None].expand(3, -1, -1) if QWEN.get(model.config.model_type) else pos)
         mask = None
         if model.config.text_config._attn_implementation == "eager":
             mask = torch.full((n, n), torch.finfo(model.dtype).min, device=model.device, dtype=model.dtype)
@@ -61,7 +68,8 @@ def ideal_prefill(model, inputs, lengths: list[int]):
             feats = base.get_video_features(inputs["pixel_values_videos"]).pooler_output.flatten(0, 1)
             token = model.config.video_token_id
         else:
-            images = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_sizes", "batch_num_images")}
+            images = {k: v for k, v in inputs.items()
+                      if k in ("pixel_values", "image_sizes", "batch_num_images", "image_grid_thw")}
             feats = torch.cat(list(base.get_image_features(**images).pooler_output))
             token = model.config.image_token_id
         h = h.masked_scatter((inputs["input_ids"] == token)[..., None], feats)
@@ -78,7 +86,8 @@ def ideal_prefill(model, inputs, lengths: list[int]):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(vtc.list_methods(standalone=True)))
-    p.add_argument("--family", default="llava", choices=["llava", "llava_next", "llava_onevision"])
+    p.add_argument("--family", default="llava",
+                   choices=["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl"])
     p.add_argument("--video", type=int, default=0, help="llava_onevision: a video of this many frames, no image")
     p.add_argument("--budgets", default="576,288,144,64", help="counts, or fractions with a point (0.25)")
     p.add_argument("--width", type=int, default=256, help="LLM hidden size (LLaVA-1.5-7B: 4096)")
@@ -95,12 +104,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    build = {"llava": llava15_shaped, "llava_next": llava_next_shaped, "llava_onevision": llava_onevision_shaped}
+    build = {"llava": llava15_shaped, "llava_next": llava_next_shaped, "llava_onevision": llava_onevision_shaped,
+             "qwen2_5_vl": qwen2_5_vl_shaped, "qwen3_vl": qwen3_vl_shaped}
     build = build[args.family]
     model = build(width=args.width, vision_width=args.vision_width, layers=args.layers, attn=args.attn,
                   dtype=getattr(torch, args.dtype), head_dim=args.head_dim).to(args.device)
     if args.family == "llava":
         inputs = tiny_inputs(model, text=args.text)
+    elif args.family in QWEN:  # one image of 64x64 patches: 1,024 tokens after the 2x2 merger
+        inputs = qwen_inputs(model, images=[[(64, 64)]], text=args.text)
     elif args.family == "llava_onevision":
         images = [[]] if args.video else [[IMAGE[args.family]]]
         inputs = onevision_inputs(model, images=images, videos=[[args.video]] if args.video else None, text=args.text)
@@ -109,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         inputs = tiled_inputs(model, images=[[IMAGE[args.family]]], text=args.text)
     inputs = {k: v.to(args.device) for k, v in inputs.items()}
-    if args.video:
+    if args.family in QWEN:
+        image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    elif args.video:
         image_tokens = onevision_video_tokens(model, args.video)
     else:
         image_tokens = image_token_count(model, IMAGE.get(args.family))
@@ -169,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# prefill benchmark, {date.today()}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}, {args.dtype}, "
           f"{args.attn}")
-    shape = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}[args.family]
+    shape = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision",
+             **QWEN}[args.family]
     print(f"# {shape} shape at width {args.width} (vision {args.vision_width}), {args.layers} layers, head size "
           f"{args.head_dim}, "
           f"{image_tokens} visual + {text} text tokens, medians of {args.rounds} interleaved rounds")

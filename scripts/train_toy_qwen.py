@@ -8,7 +8,9 @@ patches with window attention (8x8-patch windows, full attention in two blocks) 
 
 1. ``stage1``: the tower on per-token labels (color and shape of each 14 px token, read from the
    merger's input: the 2x2 patches of the token, concatenated) and on which color-shape pairs
-   the image holds (mean over its tokens). No [CLS], so no stage 1b.
+   the image holds (mean over its tokens), with head 0 of each full-attention block taught to
+   attend from each object patch to its own object (:class:`TowerAttentionProbe`). No [CLS], so
+   no stage 1b.
 2. ``cache``: per image size, the frozen tower's last block output, in the raster order of the
    merged grid (``[tokens, 4 * width]``, the merger's input), float16.
 3. ``stage2`` / ``stage3``: as the LLaVA toy, with the merger in the projector's place (trained
@@ -98,6 +100,58 @@ def tower_tokens(tower: nn.Module, pixel_values: torch.Tensor, grid: torch.Tenso
     return tokens.view(grid.shape[0], -1, tokens.shape[-1])
 
 
+def patch_objects(scene: scenes.Scene, patch: int, min_cover: float = 0.3) -> np.ndarray:
+    """Per tower patch (raster order), the 1-based index of the object covering most of it (at least
+    ``min_cover``), else 0."""
+    m = scenes.object_index_map(scene)
+    g = scene.size // patch
+    blocks = m[: g * patch, : g * patch].reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
+    cover = np.stack([(blocks == i + 1).mean(1) for i in range(len(scene.objects))], 1)
+    return np.where(cover.max(1) >= min_cover, cover.argmax(1) + 1, 0)
+
+
+def processor_order(rows: int, cols: int, merge: int = 2) -> torch.Tensor:
+    """The raster index of each patch in the processor's order (merged blocks in raster order, the
+    ``merge x merge`` patches of each block consecutive)."""
+    idx = torch.arange(rows * cols).view(rows // merge, merge, cols // merge, merge)
+    return idx.permute(0, 2, 1, 3).reshape(-1)
+
+
+class TowerAttentionProbe:
+    """Captures a tower block's attention inputs so that head 0's attention can be recomputed and
+    taught (stage 1): from every object patch to the patches of the same object. A RoPE-only tower
+    has no position in its values; gathering the object's patches is what lets a token know the
+    shape it is part of (the CLIP tower of the LLaVA toy has absolute position embeddings)."""
+
+    def __init__(self, block: nn.Module):
+        self.attn = block.attn
+        self.inputs: dict = {}
+        self.handle = self.attn.register_forward_pre_hook(self._grab, with_kwargs=True)
+
+    def _grab(self, module, args, kwargs):
+        self.inputs = {"h": kwargs.get("hidden_states", args[0] if args else None),
+                       "pe": kwargs["position_embeddings"], "cu": kwargs["cu_seqlens"]}
+
+    def same_object_mass(self, objects: torch.Tensor) -> torch.Tensor:
+        """Per object patch (window order, all images), head 0's attention mass on its own object."""
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+        a, h = self.attn, self.inputs["h"]
+        n = h.shape[0]
+        q, k, _ = a.qkv(h).reshape(n, 3, a.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = self.inputs["pe"]
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        q, k = q[:, 0], k[:, 0]
+        bounds = self.inputs["cu"].tolist()
+        masses = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            obj = objects[start:end]
+            probs = (q[start:end] @ k[start:end].T * a.scaling).softmax(-1)
+            same = (obj[:, None] == obj[None, :]) & (obj[:, None] > 0)
+            masses.append((probs * same).sum(-1)[obj > 0])
+        return torch.cat(masses)
+
+
 def mrope_grid(image_start: int, grid: tuple[int, int], before: int, after: int) -> torch.Tensor:
     """``[3, before + rows * cols + after]`` positions of text, an image, text, as ``get_rope_index``."""
     rows, cols = grid
@@ -112,8 +166,9 @@ class QwenLayout(tt.LlavaLayout):
 
     sequence = staticmethod(qwen_sequence)
 
-    def __init__(self, processor, sizes: tuple[int, ...]):
-        self.processor, self.sizes = processor, sizes
+    def __init__(self, processor, sizes: tuple[int, ...], attn_weight: float = 1.0):
+        self.processor, self.sizes, self.attn_weight = processor, sizes, attn_weight
+        self.probes: list[TowerAttentionProbe] | None = None
         self.stage3_checks = {name: resolve_fracs(fixed, 144) for name, fixed in QWEN_STAGE3_CHECKS.items()}
 
     # ------------------------------------------------------------------ stage 1
@@ -128,10 +183,17 @@ class QwenLayout(tt.LlavaLayout):
         colors = torch.from_numpy(np.stack([c for c, _ in labels]))
         shapes = torch.from_numpy(np.stack([s for _, s in labels]))
         pairs = torch.from_numpy(np.stack([tt.pair_targets(s) for s in scs]))
-        return enc["pixel_values"], enc["image_grid_thw"], colors, shapes, pairs
+        g = size // build_qwen.PATCH
+        order = processor_order(g, g).numpy()
+        objects = torch.from_numpy(np.stack([patch_objects(s, build_qwen.PATCH)[order] for s in scs]))
+        return enc["pixel_values"], enc["image_grid_thw"], colors, shapes, pairs, objects
 
     def stage1_forward(self, tower: nn.Module, heads: tt.Stage1Heads, batch: tuple) -> tuple:
-        x, grid, colors, shapes, pairs = batch
+        from transformers.vision_utils import get_vision_window_index
+
+        x, grid, colors, shapes, pairs, objects = batch
+        if self.probes is None:
+            self.probes = [TowerAttentionProbe(tower.blocks[i]) for i in tower.fullatt_block_indexes]
         feats = tower_tokens(tower, x, grid)
         tokens = heads.norm(feats)
         c_logits, s_logits = heads.color(tokens), heads.shape(tokens)
@@ -141,13 +203,20 @@ class QwenLayout(tt.LlavaLayout):
         pooled = feats.mean(1)
         pair = F.binary_cross_entropy_with_logits(heads.cls_last(pooled), pairs)
         pair = pair + F.binary_cross_entropy_with_logits(heads.cls_feat(pooled), pairs)
-        return dense + pair, c_logits, s_logits
+        window_index, _ = get_vision_window_index(grid, spatial_merge_size=tower.spatial_merge_size,
+                                                  window_size=tower.window_size, patch_size=tower.patch_size)
+        unit = tower.spatial_merge_unit
+        objects = objects.reshape(-1, unit)[window_index].flatten()  # the tower's window order
+        masses = [probe.same_object_mass(objects) for probe in self.probes]
+        self.last_mass = float(torch.cat(masses).detach().mean())
+        attn = torch.stack([-(m + 1e-6).log().mean() for m in masses]).mean()
+        return dense + pair + self.attn_weight * attn, c_logits, s_logits
 
     @torch.no_grad()
     def stage1_eval(self, tower: nn.Module, heads: tt.Stage1Heads, seed: int, n: int = 384) -> dict:
         tower.eval()
         rng = random.Random(f"{seed}-stage1-val")
-        stats: dict[str, list[float]] = {"color_obj": [], "shape_obj": [], "bg": []}
+        stats: dict[str, list[float]] = {"color_obj": [], "shape_obj": [], "bg": [], "same_object_attn": []}
         for _ in range(max(1, n // 32)):
             batch = self.stage1_batch(rng, 32)
             _, c_logits, s_logits = self.stage1_forward(tower, heads, batch)
@@ -156,6 +225,7 @@ class QwenLayout(tt.LlavaLayout):
             stats["color_obj"].append((c_logits.argmax(-1) == colors)[obj].float().mean().item())
             stats["shape_obj"].append((s_logits.argmax(-1) == shapes)[obj].float().mean().item())
             stats["bg"].append((s_logits.argmax(-1) == shapes)[~obj].float().mean().item())
+            stats["same_object_attn"].append(self.last_mass)
         tower.train()
         return {k: round(float(np.mean(v)), 4) for k, v in stats.items()}
 

@@ -140,6 +140,23 @@ def test_shortened_positions_keep_or_compact_as_the_adapter():
     assert torch.equal(layout.shortened_positions(phys, masked, batch)[:, real], full[:, real])
 
 
+def test_stage1_object_labels_follow_the_tower_order(tiny):
+    """Stage 1's per-patch object ids line up with the per-token labels, and the attention target is
+    each object patch's own object (its mass starts near the object's share of the image)."""
+    model, proc = tiny
+    q = _script("train_toy_qwen")
+    layout = q.QwenLayout(proc, (168, 224))
+    batch = layout.stage1_batch(random.Random(3), 2)
+    objects, shapes = batch[5], batch[3]
+    tokens = objects.view(2, -1, 4)  # the processor's order: each token's 2x2 patches
+    assert ((shapes > 0) <= (tokens > 0).any(-1)).all()
+    assert (tokens.amax(-1)[shapes > 0] > 0).all()
+    heads = layout.stage1_heads(model.model.visual)
+    loss, _, _ = layout.stage1_forward(model.model.visual, heads, batch)
+    assert torch.isfinite(loss) and 0.0 < layout.last_mass < 0.5
+    assert q.processor_order(4, 4).tolist()[:8] == [0, 1, 4, 5, 2, 3, 6, 7]
+
+
 def test_load_by_family(tiny_saved):
     model, processor = toy.load(tiny_saved, family="qwen2_5_vl")
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"

@@ -17,11 +17,14 @@ token), LLaVA-NeXT-style anyres tiles capped by ``anyres_max``, and video frames
   ``frames * pooled + 1`` tokens whose frames are reduced *jointly* (one top-k or merge over all of its
   tokens), with the budget per video: the plan's fraction of its tokens (:meth:`~vtc.plan.Plan.keeps_for`).
   Tower signals are mapped through the model's own ``apply_pooling``; the newline is protected.
-  ``pool`` pools each frame's pooled grid on its own (layout ``frame``), to an equal share of the video's
-  budget. Positions: the LM's RoPE is 1-D, so the methods' own policies (``compact`` included) apply.
+  ``pool`` pools each grid on its own (a video's frames, a multi-image sample's single tiles; layout
+  ``frame``, ``row``, ``col``) to an equal share of the entry's budget, and refuses an anyres image.
+  Positions: the LM's RoPE is 1-D, so the methods' own policies (``compact`` included) apply.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -62,6 +65,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         largest = max(self._count(tuple(p)) for p in cfg.image_grid_pinpoints)
         return ModelInfo(**{**base.__dict__, "family": self.family, "image_tokens": largest, "has_cls": False,
                             "tiled": True, "tile_regions": False,
+                            # pool: a video's frames and a single-tile image are grids (see layout)
+                            "grids": True,
                             # SigLIP has no [CLS]: the attention each patch receives at the feature layer.
                             "received_layer": base.vision_feature_layer})
 
@@ -149,22 +154,33 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return self.base().apply_pooling(torch.zeros(1, g * g, 1)).shape[1]
 
     def layout(self, arguments: dict) -> list[dict[str, torch.Tensor]]:
-        """Per entry: ``protected`` (row ends; a video's newline) and ``frame`` (a video token's frame; 0 for
-        every token of a single-tile image, whose tokens are one square grid; ``NOT_A_GRID`` for an anyres
-        image's tokens; ``NEWLINE`` for a row end)."""
+        """Per entry: ``protected`` (row ends; a video's newline) and each token's place in the grids ``pool``
+        averages: ``frame`` (a video token's frame; 0 for a single-tile image's tokens, one square grid;
+        ``NOT_A_GRID`` for an anyres image's; ``NEWLINE`` for a row end), ``row`` and ``col`` in its grid."""
         if "pixel_values_videos" in arguments:
             videos, frames = arguments["pixel_values_videos"].shape[:2]
-            device = arguments["pixel_values_videos"].device
-            frame = torch.arange(frames, device=device).repeat_interleave(self._pooled_per_frame())
-            frame = torch.cat([frame, frame.new_full((1,), NEWLINE)])
-            return [{"protected": frame == NEWLINE, "frame": frame} for _ in range(videos)]
+            side = math.isqrt(self._pooled_per_frame())  # the model pools each frame to a square grid
+            return [_grids(frames, side, arguments["pixel_values_videos"].device) for _ in range(videos)]
         sizes = arguments["image_sizes"]
         tiles = self._tiles(sizes, arguments.get("batch_num_images"))
         g = self._grid()
-        ones = torch.ones(sum(tiles), g * g, 1, device=arguments["pixel_values"].device)
+        device = arguments["pixel_values"].device
+        ones = torch.ones(sum(tiles), g * g, 1, device=device)
         out = []
         for packed, count in zip(self._pack(ones, arguments, fill=-1.0), tiles):
+            if count == 1:  # the base tile's grid and one newline
+                out.append(_grids(1, g, device))
+                continue
             newline = packed[:, 0] < 0
-            frame = torch.full_like(newline, 0 if count == 1 else NOT_A_GRID, dtype=torch.long)
-            out.append({"protected": newline, "frame": frame.masked_fill(newline, NEWLINE)})
+            place = torch.full_like(newline, NOT_A_GRID, dtype=torch.long).masked_fill(newline, NEWLINE)
+            out.append({"protected": newline, "frame": place, "row": place, "col": place})
         return out
+
+
+def _grids(frames: int, side: int, device) -> dict[str, torch.Tensor]:
+    """The layout of ``frames`` square grids of ``side`` tokens in raster order, then one newline."""
+    frame, row, col = (t.flatten() for t in torch.meshgrid(
+        *(torch.arange(n, device=device) for n in (frames, side, side)), indexing="ij"))
+    end = torch.tensor([NEWLINE], device=device)
+    frame, row, col = (torch.cat([t, end]) for t in (frame, row, col))
+    return {"protected": frame == NEWLINE, "frame": frame, "row": row, "col": col}

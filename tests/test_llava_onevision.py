@@ -119,10 +119,32 @@ def test_cls_methods_are_refused_naming_the_alternatives(model, method):
         vtc.plan(model, method, budget=0.5)
 
 
-@pytest.mark.parametrize("method", ["tome", "pool"])
-def test_methods_needing_one_grid_per_image_are_refused(model, method):
-    with pytest.raises(MethodNotApplicableError, match="use "):
-        vtc.plan(model, method, budget=0.5)
+def test_tome_is_refused_and_pool_refuses_anyres_images(model):
+    with pytest.raises(MethodNotApplicableError, match="use merge"):
+        vtc.plan(model, "tome", budget=0.5)
+    # pool averages grids: a video's frames and a multi-image sample's single tiles, not an anyres image.
+    inputs = onevision_inputs(model, images=[[(70, 140)]], seed=4)
+    with (vtc.compressed(model, "pool", budget=0.4), torch.no_grad(),
+          pytest.raises(MethodNotApplicableError, match="pool averages token grids.*use random or merge")):
+        model(**inputs)
+
+
+def test_pool_averages_each_frame_and_single_tile_on_its_own(model):
+    # Two single-tile images (5x5 grids) and a 3-frame video (3x3 pooled grids): each grid is pooled to its
+    # share of the entry's budget, row ends and the video's newline kept.
+    inputs = onevision_inputs(model, images=[[(70, 140), (140, 70)]], videos=[[3]], seed=6)
+    with vtc.compressed(model, "pool", budget=0.4), torch.no_grad():
+        model(**inputs)
+        kept = vtc.stats(model).kept["vision"]
+    plan = vtc.plan(model, "pool", budget=0.4)
+    g = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    for k, n, grids in zip(kept, [g * g + 1, g * g + 1, onevision_video_tokens(model, 3)], [1, 1, 3], strict=True):
+        budget = plan.keeps_for(n)[0] - 1  # the newline kept
+        side = math.isqrt((n - 1) // grids)
+        cells = (k[:-1].numel()) // grids
+        assert k[-1] == n - 1 and k[:-1].numel() == grids * cells and 1 <= cells <= budget // grids
+        # Each grid keeps as many tokens, all in that grid.
+        assert torch.equal(torch.bincount(k[:-1] // (side * side), minlength=grids), torch.full((grids,), cells))
 
 
 def test_plan_image_is_the_largest_the_model_takes(model):
@@ -143,13 +165,15 @@ def test_cli_plans_on_the_onevision_shape(capsys):
 # -- video ---------------------------------------------------------------------------------------------------
 VIDEO_CASES = [("random", {"budget": 0.5, "seed": 1}), ("merge", {"budget": 0.4}), ("fastv", {"budget": 0.6}),
                ("pdrop", {"budget": 0.5}), ("visionzip", {"budget": 0.5}), ("divprune", {"budget": 0.3}),
-               ("random+fastv", {"budget": 0.6, "seed": 2, "fastv.layer": 1})]
+               ("random+fastv", {"budget": 0.6, "seed": 2, "fastv.layer": 1}), ("pool", {"budget": 0.4})]
 VIDEO_IDS = [c[0] for c in VIDEO_CASES]
 
 
-def _video_batch(model, seed=5):
-    """Two padded samples: an anyres image then a 3-frame video (28 tokens); a taller image alone."""
-    return onevision_inputs(model, images=[[(70, 140)], [(140, 70)]], videos=[[3], []], pad=[0, 4], seed=seed)
+def _video_batch(model, case, seed=5):
+    """Two padded samples: an anyres image then a 3-frame video (28 tokens); a taller image alone. For ``pool``,
+    which averages grids only, two single-tile images (a multi-image sample) in each sample instead."""
+    images = [[(70, 140)], [(140, 70)]] if case[0] != "pool" else [[(70, 140), (140, 70)], [(140, 140), (70, 70)]]
+    return onevision_inputs(model, images=images, videos=[[3], []], pad=[0, 4], seed=seed)
 
 
 def _args(case):
@@ -159,7 +183,7 @@ def _args(case):
 
 @pytest.mark.parametrize("case", VIDEO_CASES, ids=VIDEO_IDS)
 def test_video_full_budget_is_identity(model, case):
-    inputs = _video_batch(model, seed=3)
+    inputs = _video_batch(model, case, seed=3)
     with torch.no_grad():
         ref = model(**inputs).logits
     ref_out = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -176,23 +200,24 @@ def test_video_drop_equals_mask(model, case):
     # The video is one entry of 3 frames x 9 pooled tokens + its newline, its frames reduced jointly.
     from .reference import reference_logits
 
-    inputs = _video_batch(model)
+    inputs = _video_batch(model, case)
     method, params = _args(case)
     logits, stages, embeds, stats = traced(model, inputs, lambda: prefill_logits(model, inputs), method, **params)
     ref, rows = reference_logits(model, **inputs, stages=stages, vision_embeds=embeds)
     assert_rows_match(logits, ref, rows, inputs["attention_mask"])
-    assert stats.images == 2  # the first sample's image and video
+    video = onevision_video_tokens(model, 3)
+    assert stats.images == (3 if case[0] == "pool" else 2)  # the first sample's images and video
     last = list(stats.kept.values())[-1]
-    assert len(last) == 3 and last[2].numel() < onevision_video_tokens(model, 3)  # images first, then the video
+    assert last[-1].numel() < video  # the video: the last entry, after every image
     if "vision" in stats.kept:  # a pre-LLM stage keeps the video's newline
-        assert onevision_video_tokens(model, 3) - 1 in stats.kept["vision"][2].tolist()
+        assert video - 1 in stats.kept["vision"][-1].tolist()
 
 
 @pytest.mark.parametrize("case", VIDEO_CASES[:4], ids=VIDEO_IDS[:4])
 def test_video_cached_generation_equals_recomputation(model, case):
     from .reference import reference_logits
 
-    inputs = _video_batch(model, seed=8)
+    inputs = _video_batch(model, case, seed=8)
     method, params = _args(case)
     (tokens, step_logits), stages, embeds, _ = traced(
         model, inputs, lambda: greedy(model, inputs, steps=3), method, **params)
@@ -208,7 +233,7 @@ def test_video_cached_generation_equals_recomputation(model, case):
 
 @pytest.mark.parametrize("case", VIDEO_CASES, ids=VIDEO_IDS)
 def test_image_and_video_batch_equals_single_samples(model, case):
-    batch = _video_batch(model, seed=9)
+    batch = _video_batch(model, case, seed=9)
     singles = split_inputs(model, batch)
     assert "pixel_values_videos" in singles[0] and "pixel_values_videos" not in singles[1]
     method, params = _args(case)
@@ -225,7 +250,7 @@ def test_image_and_video_batch_equals_single_samples(model, case):
 
 @pytest.mark.parametrize("case", VIDEO_CASES, ids=VIDEO_IDS)
 def test_video_remove_restores_exactly(model, case):
-    inputs = _video_batch(model, seed=10)
+    inputs = _video_batch(model, case, seed=10)
     attrs = {id(m): set(m.__dict__) for m in model.modules()}
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
     with torch.no_grad():

@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from . import ops
+from .errors import MethodNotApplicableError
 from .plan import Stage
 
 
@@ -81,8 +82,8 @@ def reduce_vision(
         keep = ops.dpp_select(feats, relevance, stage.keep)
         return ops.gather_tokens(feats, keep), keep
     if stage.reducer == "pool":
-        if layout is not None and "frame" in layout:  # rectangular grids, one per temporal group (Qwen)
-            return ops.pool_frames(feats, stage.keep, layout["frame"], layout["row"], layout["col"])
+        if layout is not None and "frame" in layout:  # grids per temporal group (Qwen) or frame (OneVision)
+            return _pool_grids(feats, stage.keep, layout)
         return ops.pool_grid(feats, stage.keep)
     if stage.reducer == "merge":
         return ops.merge_to(feats, metric if metric is not None else feats, stage.keep)
@@ -94,6 +95,26 @@ def reduce_vision(
         return ops.dominant_and_context(feats, scores, metric if metric is not None else feats, dominant,
                                         stage.keep - dominant, cls if options.get("cls") else None)
     raise ValueError(f"unknown reducer {stage.reducer!r}")
+
+
+def _pool_grids(feats: torch.Tensor, keep: int, layout: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`vtc.ops.pool_frames` over the tokens that form grids (layout ``frame`` >= 0); tokens with ``frame``
+    -1 (LLaVA-OneVision's row ends, a video's newline) are kept as they are, within ``keep``; ``frame`` -2 marks
+    tokens of no single grid (LLaVA-OneVision's anyres images), which pool refuses."""
+    frame = layout["frame"]
+    if bool((frame < -1).any()):
+        raise MethodNotApplicableError(
+            "pool averages token grids, and this image's tokens are not one (tiles packed at another resolution "
+            "than the base image's, as LLaVA-OneVision's anyres images): use random or merge for such images"
+        )
+    grid = frame[0] >= 0
+    if bool(grid.all()):
+        return ops.pool_frames(feats, keep, frame, layout["row"], layout["col"])
+    fixed, free = (~grid).nonzero()[:, 0], grid.nonzero()[:, 0]
+    pooled, local = ops.pool_frames(feats[:, free], keep - fixed.numel(),
+                                    *(layout[k][:, free] for k in ("frame", "row", "col")))
+    index, order = torch.cat([fixed.expand(feats.shape[0], -1), free[local]], dim=1).sort(dim=1)
+    return ops.gather_tokens(torch.cat([feats[:, fixed], pooled], dim=1), order), index
 
 
 # Reducers whose output is their input gathered at the indices they return (nothing is mixed).

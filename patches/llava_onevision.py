@@ -68,7 +68,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                             # pool: a video's frames and a single-tile image are grids (see layout)
                             "grids": True,
                             # SigLIP has no [CLS]: the attention each patch receives at the feature layer.
-                            "received_layer": base.vision_feature_layer})
+                            "received_layer": base.vision_feature_layer,
+                            # one patch per token (before the downscaling of large images), attending within its tile
+                            "received_patches": 1, "received_span": self._grid() ** 2})
 
     def _count(self, size: tuple[int, int]) -> int:
         """Tokens of an anyres image of original ``size`` (h, w), by the model's own packing."""

@@ -84,9 +84,12 @@ def scoring_flops(info: ModelInfo, plan: Plan, text: int, images: int | list[int
         elif s.scorer.kind == "cls_attention":
             total += len(s.scorer.layers) * sum(2 * (n + 1) * vision_hidden**2 for n in sizes)
         elif s.scorer.kind == "received_attention":
-            # q and k of every patch (four per token behind a 2x2 merger) and the full q k^T of its image.
-            total += len(s.scorer.layers) * sum(4 * (4 * n) * vision_hidden**2 + 2 * (4 * n) ** 2 * vision_hidden
-                                                for n in sizes)
+            # q and k of every patch (``received_patches`` per token), and q k^T within each attention span
+            # (the whole image behind Qwen's merger; each tile of a SigLIP tower).
+            for n in sizes:
+                patches = info.received_patches * n
+                span = min(patches, info.received_span or patches)
+                total += len(s.scorer.layers) * (4 * patches * vision_hidden**2 + 2 * patches * span * vision_hidden)
     return total
 
 

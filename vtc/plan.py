@@ -49,6 +49,10 @@ class ModelInfo:
     # A tower without [CLS] (Qwen2.5-VL): the vision layer whose attention received per patch (averaged
     # over queries and heads) the adapter can read as a score (``received_attention``), or None.
     received_layer: int | None = None
+    # Where ``received_attention`` is read: tower patches behind one LLM token (Qwen's 2x2 merger: 4), and how
+    # many patches attend to one another (None: the whole image; a SigLIP tile: its 729). For the FLOPs estimate.
+    received_patches: int = 4
+    received_span: int | None = None
     # The tower can encode the image at a smaller size, giving fewer tokens itself (``downsample``).
     resizable: bool = False
     # Each image's tokens are one rectangular grid per temporal group, placed by the adapter's layout (``frame``,

@@ -57,6 +57,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
             has_cls=False,
             tiled=True,
             grids=True,
+            resizable=True,  # its learned position embeddings are interpolated to any grid (downsample)
             received_layer=depth - 1,  # every block attends over the whole image
             **self.text_sizes(),
         )

@@ -39,7 +39,7 @@ METHODS = {
     "divprune": ("divprune", {"budget": 6}),
     "vispruner": ("vispruner", {"budget": 6}),
     "cdpruner": ("cdpruner", {"budget": 6}),
-    "downsample": ("downsample", {"budget": 6}),  # LLaVA-1.5 and Qwen2.5-VL (resizable towers)
+    "downsample": ("downsample", {"budget": 6}),  # LLaVA-1.5 and the Qwen families (resizable towers)
     "visionzip": ("visionzip", {"budget": 6}),
     "aim": ("aim", {"budget": 6}),
     "aim-no-merge": ("aim", {"merged": 16, "slope": 0.4, "iters": 3, "temperature": 0.5}),
@@ -74,7 +74,7 @@ def applies(backend: tuple, case: str) -> bool:
     family = backend[2] if len(backend) > 2 else "llava"
     method = METHODS[case][0]
     names = method if isinstance(method, list) else method.split("+")
-    if "downsample" in names and family not in ("llava", "qwen2_5_vl"):
+    if "downsample" in names and family not in ("llava", "qwen2_5_vl", "qwen3_vl"):
         return False  # fixed-size tiles chosen by the processor (tests/test_downsample.py)
     untiled = ("pool", "tome")
     if family == "llava_onevision":

@@ -76,9 +76,10 @@ def patchify(image: torch.Tensor, tp: int, m: int, p: int) -> torch.Tensor:
     return x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape((h // p) * (w // p), c * tp * p * p)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_downsample_qwen_encodes_the_resized_image(attn):
-    model = tiny_model("qwen2_5_vl", attn=attn, text_model="qwen2")
+def test_downsample_qwen_encodes_the_resized_image(attn, family):
+    model = tiny_model(family, attn=attn, text_model="qwen2")
     vcfg = model.config.vision_config
     tp, m, p = vcfg.temporal_patch_size, vcfg.spatial_merge_size, vcfg.patch_size
     inputs = qwen_inputs(model, images=[[(8, 12)]], seed=4)

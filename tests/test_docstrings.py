@@ -20,6 +20,7 @@ MODULES = [
     "vtc.methods.hired", "vtc.patches.adapter", "vtc.patches.llava", "vtc.patches.llava_next", "vtc.patches.internvl",
     "vtc.patches.qwen2_5_vl", "vtc.patches.llava_onevision", "vtc.patches.qwen3_vl", "vtc.ops.grid",
     "vtc.patches.decoder", "vtc.patches.tome", "vtc.testing", "vtc.api",
+    "vtc.serve", "vtc.serve.core", "vtc.serve.config", "vtc.eval.serve",
 ]
 
 

@@ -195,26 +195,27 @@ def rater_scores(layer: nn.Module, hidden: torch.Tensor, position_embeddings, st
                  projections=None) -> torch.Tensor:
     """SparseVLM's relevance of every image row ``[B, n]`` (0 elsewhere): the attention of the image's
     raters (:func:`find_raters`) to it in ``layer`` (:func:`vtc.ops.queries_attention`, from the layer's
-    input ``hidden``), averaged over heads and raters. An image without raters (no text after it) is
-    rated by the sample's last prompt row."""
+    input ``hidden``, all samples' raters in one call), averaged over heads and raters. An image without
+    raters (no text after it) is rated by the sample's last prompt row."""
     key_mask, last = state.scoring_rows()
     scores = torch.zeros(hidden.shape[:2], device=hidden.device)
     bsz = hidden.shape[0]
-
-    def one(t: torch.Tensor, b: int) -> torch.Tensor:
-        return t[b:b + 1] if t.shape[0] == bsz else t
-
+    queries, chosen = [], []  # per sample: the query rows; per image: (sample, its rows' places among them)
     for b in range(bsz):
         img = state.image_of[b]
+        rows = []
         for g in img[img >= 0].unique().tolist():
-            rows = torch.isin(state.rows[b], state.raters.get(g, state.rows[b, :0])).nonzero()[:, 0]
-            if rows.numel() == 0:
-                rows = last[b:b + 1]
-            att = ops.queries_attention(layer, hidden[b:b + 1], tuple(one(t, b) for t in position_embeddings),
-                                        rows[None], key_mask[b:b + 1],
-                                        None if projections is None else tuple(p[b:b + 1] for p in projections))
-            mine = (img == g).nonzero()[:, 0]
-            scores[b, mine] = ops.rater_relevance(att[0], mine)
+            mine = torch.isin(state.rows[b], state.raters.get(g, state.rows[b, :0])).nonzero()[:, 0].tolist()
+            mine = mine or [int(last[b])]
+            chosen.append((b, g, list(range(len(rows), len(rows) + len(mine)))))
+            rows += mine
+        queries.append(torch.tensor(rows or [int(last[b])], dtype=torch.long, device=hidden.device))
+    width = max(q.numel() for q in queries)
+    query_rows = torch.stack([torch.cat([q, q[-1:].expand(width - q.numel())]) for q in queries])
+    att = ops.queries_attention(layer, hidden, position_embeddings, query_rows, key_mask, projections)
+    for b, g, places in chosen:
+        mine = (state.image_of[b] == g).nonzero()[:, 0]
+        scores[b, mine] = ops.rater_relevance(att[b, places], mine)
     return scores
 
 
@@ -235,21 +236,33 @@ def recycle_rows(hidden: torch.Tensor, scores: torch.Tensor, state: SequenceStat
         for g in img[img >= 0].unique().tolist():
             counts[g] = ops.recycle_split(int((img == g).sum()), totals[g], share, per_cluster)
     keep, pad = select_rows(scores, img_all, [counts.get(g, 0) for g in range(len(totals))], state.protected)
-    srcs, flags, feats = [], [], []
+    # Each image's recycled rows, most relevant first; images with the same counts are merged in one call.
+    jobs, groups = [], {}
     for b in range(img_all.shape[0]):
         kept = keep[b][~pad[b]]
-        key, src, flag = (2 * kept).tolist(), kept.tolist(), [False] * kept.numel()
         img = img_all[b]
         images = sorted(img[img >= 0].unique().tolist(), key=lambda g: int((img == g).nonzero()[-1, 0]))
         for g in images:
             mine = (img == g).nonzero()[:, 0]
             dropped = mine[~torch.isin(mine, kept)]
             chosen, clusters = ops.recycled(dropped.numel(), share, per_cluster)
-            if not clusters:
+            if clusters:
+                best = scores[b, dropped].float().sort(descending=True, stable=True).indices[:chosen]
+                groups.setdefault((chosen, clusters), []).append(len(jobs))
+                jobs.append((b, int(mine[-1]), clusters, dropped[best]))
+    merged_of = {}
+    for (_, clusters), members in groups.items():
+        stacked = torch.stack([hidden[jobs[j][0], jobs[j][3]] for j in members])
+        for j, out in zip(members, ops.dpc_merge(stacked, clusters)):
+            merged_of[j] = out
+    srcs, flags, feats = [], [], []
+    for b in range(img_all.shape[0]):
+        kept = keep[b][~pad[b]]
+        key, src, flag = (2 * kept).tolist(), kept.tolist(), [False] * kept.numel()
+        for j, (sample, anchor, clusters, _) in enumerate(jobs):
+            if sample != b:
                 continue
-            best = scores[b, dropped].float().sort(descending=True, stable=True).indices[:chosen]
-            feats.append(ops.dpc_merge(hidden[b, dropped[best]], clusters))
-            anchor = int(mine[-1])
+            feats.append(merged_of[j])
             key += [2 * anchor + 1] * clusters
             src += [anchor] * clusters
             flag += [True] * clusters

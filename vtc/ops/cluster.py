@@ -37,12 +37,13 @@ def recycle_split(n: int, total: int, share: float = 0.3, per_cluster: int = 10)
 
 
 def dpc_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
-    """Merge tokens ``x`` ``[N, C]`` into ``clusters`` tokens by density-peak clustering (DPC-kNN), as
-    SparseVLM's ``cluster_and_merge``: distances ``||x_i - x_j|| / sqrt(C)``; local density
-    ``exp(-mean of the squared distances to the `clusters` nearest)`` (self included); each token's
-    distance to the nearest denser token (the largest distance for the densest); the ``clusters`` tokens
-    of largest ``distance * density`` are the centres, the others join the nearest centre; each merged
-    token is its cluster's mean (``sum / (count + 1e-6)``, as the official code). Centres in that order.
+    """Merge tokens ``x`` ``[..., N, C]`` into ``clusters`` tokens each (``[..., clusters, C]``) by
+    density-peak clustering (DPC-kNN), as SparseVLM's ``cluster_and_merge``: distances
+    ``||x_i - x_j|| / sqrt(C)``; local density ``exp(-mean of the squared distances to the `clusters`
+    nearest)`` (self included); each token's distance to the nearest denser token (the largest
+    distance for the densest); the ``clusters`` tokens of largest ``distance * density`` are the
+    centres, the others join the nearest centre; each merged token is its cluster's mean
+    (``sum / (count + 1e-6)``, as the official code). Centres in that order.
 
     The official code adds ``1e-6 * rand`` to the densities to break ties; here ties go to the earlier
     token, so the result is deterministic.
@@ -53,18 +54,21 @@ def dpc_merge(x: torch.Tensor, clusters: int) -> torch.Tensor:
         tensor([[0.0500, 0.0000],
                 [5.0300, 5.0700]])
     """
-    n, c = x.shape
+    *lead, n, c = x.shape
     if not 0 < clusters <= n:
         raise ValueError(f"clusters={clusters} must be in [1, {n}]")
-    xf = x.float()
-    dist = torch.cdist(xf[None], xf[None], compute_mode="donot_use_mm_for_euclid_dist")[0] / c**0.5
+    xf = x.float().reshape(-1, n, c)
+    dist = torch.cdist(xf, xf, compute_mode="donot_use_mm_for_euclid_dist") / c**0.5  # [B, N, N]
     nearest = dist.topk(clusters, dim=-1, largest=False).values
-    density = (-(nearest**2).mean(dim=-1)).exp()
-    denser = density[None, :] > density[:, None]
-    parent = torch.where(denser, dist, dist.max()).min(dim=-1).values
-    centres = (parent * density).topk(clusters).indices
-    assign = dist[centres].argmin(dim=0)
-    assign[centres] = torch.arange(clusters, device=x.device)
-    count = torch.zeros(clusters, device=x.device).index_add_(0, assign, torch.ones(n, device=x.device)) + 1e-6
-    merged = torch.zeros(clusters, c, device=x.device).index_add_(0, assign, xf / count[assign, None])
-    return merged.to(x.dtype)
+    density = (-(nearest**2).mean(dim=-1)).exp()  # [B, N]
+    denser = density[:, None, :] > density[:, :, None]
+    top = dist.flatten(1).max(dim=-1).values[:, None, None]
+    parent = torch.where(denser, dist, top).min(dim=-1).values
+    centres = (parent * density).topk(clusters, dim=-1).indices  # [B, k]
+    assign = dist.gather(1, centres[..., None].expand(-1, -1, n)).argmin(dim=1)  # [B, N]
+    assign.scatter_(1, centres, torch.arange(clusters, device=x.device).expand_as(centres))
+    count = torch.zeros(assign.shape[0], clusters, device=x.device).scatter_add_(1, assign, torch.ones_like(xf[..., 0]))
+    weight = 1.0 / (count + 1e-6).gather(1, assign)  # [B, N]
+    merged = torch.zeros(assign.shape[0], clusters, c, device=x.device)
+    merged.scatter_add_(1, assign[..., None].expand(-1, -1, c), xf * weight[..., None])
+    return merged.reshape(*lead, clusters, c).to(x.dtype)

@@ -141,3 +141,24 @@ def test_dart_refuses_what_it_cannot_do():
         vtc.plan(model, "dart", budget=400, truncation=128)
     with pytest.raises(vtc.VtcError, match="use a layer in"):
         vtc.plan(model, "dart", layer=4)
+
+
+def test_dart_walks_the_pivots_in_the_official_set_order():
+    """On random keys and states at many image offsets, the op keeps what the official code keeps; walking
+    the pivots in another order (the set of other indices) differs in some of these cases: the order matters."""
+    from vtc.ops import dart_select
+
+    torch.manual_seed(0)
+    differs = 0
+    for trial in range(40):
+        start, length, text = 3 + 7 * trial, 48, 10
+        n = start + length + text
+        keys, states = torch.randn(n, 16), torch.randn(n, 8)
+        want = official_retained(states[None], keys.view(1, n, 2, 8).transpose(1, 2), start, length, 24, 4, 4)
+        image, after = torch.arange(start, start + length), torch.arange(start + length, n)
+        got = dart_select(keys, states, image, after, 4 + 8 * 3)
+        assert torch.equal(got, want.sort().values), trial
+        # The same rule with the pivots walked in another order (a set of negated indices).
+        shuffled = dart_select(keys, states, image, after, 4 + 8 * 3, positions=-torch.arange(n))
+        differs += not torch.equal(shuffled, got)
+    assert differs > 0

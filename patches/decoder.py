@@ -310,8 +310,7 @@ def mask_columns(mask: torch.Tensor | None, valid: torch.Tensor, rows: torch.Ten
             later = ahead[None] <= torch.arange(new - queries, new, device=valid.device)[:, None]
             allowed = torch.cat([valid.new_ones(bsz, queries, prompt), later[None].expand(bsz, -1, -1)], dim=2)
             return (allowed & valid[:, None, :])[:, None]
-        # Causal by sequence order: rows stay in prompt order (a merged row repeats its anchor's index).
-        causal = torch.ones(rows.shape[1], rows.shape[1], dtype=torch.bool, device=rows.device).tril()[None]
+        causal = rows[:, None, :] <= rows[:, :, None]
         itself = torch.eye(rows.shape[1], dtype=torch.bool, device=rows.device)
         return ((causal & valid[:, None, :]) | itself)[:, None]
     if mask.dim() == 2:
@@ -471,7 +470,10 @@ class LayerStages:
             mask = gather_mask(kwargs.get("attention_mask"), keep, keep)
             # Padding slots last until the next stage, which drops them (and may pad anew).
             if slots:
-                mask = mask_columns(mask, state.key_valid, state.rows, self.flash)
+                # Causal by prompt row; after merged rows (which repeat their anchor's row) by sequence order.
+                order = state.rows if state.merged is None else torch.arange(
+                    hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+                mask = mask_columns(mask, state.key_valid, order, self.flash)
         state.overrides = {"position_embeddings": (cos, sin), "position_ids": pos, "attention_mask": mask}
         kwargs.update(state.overrides)
         shift = state.layer_shift.get(index, 0)

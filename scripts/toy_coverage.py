@@ -1,0 +1,48 @@
+"""How much of the objects each method keeps on the toy model: per question, the share of the image's
+object patches among the tokens that reach the LLM's last layer, beside the accuracy (one question at a
+time, so every record's own kept tokens are read).
+
+    python scripts/toy_coverage.py --methods dart,fastv,sparsevlm,random --budget 48 --n 60
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import vtc
+from vtc.eval import toy
+
+
+def coverage(model, processor, method: str, budget: float, records: list) -> tuple[float, float]:
+    """Mean accuracy and mean share of object patches kept at the last stage, over ``records``."""
+    correct, shares = 0.0, []
+    with vtc.compressed(model, method, budget=budget):
+        for record in records:
+            prediction = toy.answer(model, processor, [record])[0]
+            correct += toy.score([record], [prediction])["overall"]
+            kept = list(vtc.stats(model).kept.values())[-1][0].cpu()
+            objects = torch.as_tensor(toy.patch_labels(record.scene)[1]).flatten() > 0
+            shares.append(float(objects[kept].sum() / objects.sum()))
+    return correct / len(records), sum(shares) / len(shares)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="dart,fastv,sparsevlm,random")
+    p.add_argument("--budget", type=float, default=48, help="tokens per image (int) or a fraction")
+    p.add_argument("--n", type=int, default=60, help="held-out questions (seed toy.EVAL_SEED)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    model, processor = toy.load()
+    records = toy.generate(args.n, seed=toy.EVAL_SEED)
+    budget = int(args.budget) if args.budget.is_integer() and args.budget > 1 else args.budget
+    print(f"{'method':<12} accuracy  object patches kept (last stage)")
+    for method in args.methods.split(","):
+        acc, share = coverage(model, processor, method, budget, records)
+        print(f"{method:<12} {acc:8.3f}  {share:6.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -86,17 +86,26 @@ def qwen_sequence(v: tt.Vocab, turns: list[tuple[str, str, str]], n_image: int) 
     return ids, labels
 
 
-def tower_tokens(tower: nn.Module, pixel_values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``[images, tokens, 4 * width]``: the last block's output as the merger reads it (each token's 2x2
-    patches concatenated), in the raster order of the merged grid (images of one size)."""
+def window_index(tower: nn.Module, grid: torch.Tensor) -> torch.Tensor:
+    """The tower's order of the merged groups (its window attention's), as ``get_vision_window_index``."""
     from transformers.vision_utils import get_vision_window_index
 
-    hidden = tower(pixel_values, grid_thw=grid).last_hidden_state  # window order
-    window_index, _ = get_vision_window_index(
+    index, _ = get_vision_window_index(
         grid, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size, patch_size=tower.patch_size
     )
+    return index
+
+
+def tower_tokens(
+    tower: nn.Module, pixel_values: torch.Tensor, grid: torch.Tensor, hidden: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[images, tokens, 4 * width]``: the last block's output (``hidden``, window order, computed unless
+    given) as the merger reads it (each token's 2x2 patches concatenated), in the raster order of the
+    merged grid (images of one size)."""
+    if hidden is None:
+        hidden = tower(pixel_values, grid_thw=grid).last_hidden_state  # window order
     unit = tower.spatial_merge_unit
-    tokens = hidden.reshape(-1, unit * hidden.shape[-1])[torch.argsort(window_index)]
+    tokens = hidden.reshape(-1, unit * hidden.shape[-1])[torch.argsort(window_index(tower, grid))]
     return tokens.view(grid.shape[0], -1, tokens.shape[-1])
 
 
@@ -108,6 +117,29 @@ def patch_objects(scene: scenes.Scene, patch: int, min_cover: float = 0.3) -> np
     blocks = m[: g * patch, : g * patch].reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
     cover = np.stack([(blocks == i + 1).mean(1) for i in range(len(scene.objects))], 1)
     return np.where(cover.max(1) >= min_cover, cover.argmax(1) + 1, 0)
+
+
+# Patch offsets (rows, cols) whose object membership each object patch predicts in stage 1.
+NEIGHBOURS = [(dr * s, dc * s) for s in (2, 4) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)]
+
+
+def neighbour_targets(objects: np.ndarray, g: int) -> np.ndarray:
+    """``[g * g, len(NEIGHBOURS)]`` (raster): whether the patch at each offset belongs to the same object."""
+    grid = objects.reshape(g, g)
+    pad = max(max(abs(r), abs(c)) for r, c in NEIGHBOURS)
+    padded = np.pad(grid, pad, constant_values=-1)
+    cols = [padded[pad + r : pad + r + g, pad + c : pad + c + g] == grid for r, c in NEIGHBOURS]
+    return (np.stack(cols, -1) & (grid > 0)[..., None]).reshape(g * g, -1)
+
+
+class QwenStage1Heads(tt.Stage1Heads):
+    """Stage 1's heads: the LLaVA toy's on each token's 2x2 patches, plus a per-patch head that says
+    which patches around it (``NEIGHBOURS``) belong to its object: the local outline a RoPE-only
+    tower must learn to see, from which an object's patches, gathered, tell its shape."""
+
+    def __init__(self, width: int, unit: int):
+        super().__init__(unit * width)
+        self.outline = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(NEIGHBOURS)))
 
 
 def processor_order(rows: int, cols: int, merge: int = 2) -> torch.Tensor:
@@ -173,7 +205,7 @@ class QwenLayout(tt.LlavaLayout):
 
     # ------------------------------------------------------------------ stage 1
     def stage1_heads(self, tower: nn.Module) -> tt.Stage1Heads:
-        return tt.Stage1Heads(tower.spatial_merge_unit * tower.config.hidden_size)
+        return QwenStage1Heads(tower.config.hidden_size, tower.spatial_merge_unit)
 
     def stage1_batch(self, rng: random.Random, n: int) -> tuple:
         size = rng.choice(self.sizes)
@@ -185,16 +217,17 @@ class QwenLayout(tt.LlavaLayout):
         pairs = torch.from_numpy(np.stack([tt.pair_targets(s) for s in scs]))
         g = size // build_qwen.PATCH
         order = processor_order(g, g).numpy()
-        objects = torch.from_numpy(np.stack([patch_objects(s, build_qwen.PATCH)[order] for s in scs]))
-        return enc["pixel_values"], enc["image_grid_thw"], colors, shapes, pairs, objects
+        per_patch = [patch_objects(s, build_qwen.PATCH) for s in scs]
+        objects = torch.from_numpy(np.stack([o[order] for o in per_patch]))
+        outline = torch.from_numpy(np.stack([neighbour_targets(o, g)[order] for o in per_patch])).float()
+        return enc["pixel_values"], enc["image_grid_thw"], colors, shapes, pairs, objects, outline
 
     def stage1_forward(self, tower: nn.Module, heads: tt.Stage1Heads, batch: tuple) -> tuple:
-        from transformers.vision_utils import get_vision_window_index
-
-        x, grid, colors, shapes, pairs, objects = batch
+        x, grid, colors, shapes, pairs, objects, outline = batch
         if self.probes is None:
             self.probes = [TowerAttentionProbe(tower.blocks[i]) for i in tower.fullatt_block_indexes]
-        feats = tower_tokens(tower, x, grid)
+        hidden = tower(x, grid_thw=grid).last_hidden_state  # window order
+        feats = tower_tokens(tower, x, grid, hidden)
         tokens = heads.norm(feats)
         c_logits, s_logits = heads.color(tokens), heads.shape(tokens)
         w = torch.where(shapes > 0, 3.0, 1.0)  # object tokens are the minority
@@ -203,20 +236,24 @@ class QwenLayout(tt.LlavaLayout):
         pooled = feats.mean(1)
         pair = F.binary_cross_entropy_with_logits(heads.cls_last(pooled), pairs)
         pair = pair + F.binary_cross_entropy_with_logits(heads.cls_feat(pooled), pairs)
-        window_index, _ = get_vision_window_index(grid, spatial_merge_size=tower.spatial_merge_size,
-                                                  window_size=tower.window_size, patch_size=tower.patch_size)
-        unit = tower.spatial_merge_unit
-        objects = objects.reshape(-1, unit)[window_index].flatten()  # the tower's window order
+        order, unit = window_index(tower, grid), tower.spatial_merge_unit
+        objects = objects.reshape(-1, unit)[order].flatten()  # the tower's window order
+        outline = outline.reshape(-1, unit, outline.shape[-1])[order].flatten(0, 1)
+        on_object = objects > 0
+        logits = heads.outline(hidden)[on_object]
+        shape_of = F.binary_cross_entropy_with_logits(logits, outline[on_object])
+        self.last_outline = float(((logits > 0) == (outline[on_object] > 0.5)).float().mean())
         masses = [probe.same_object_mass(objects) for probe in self.probes]
         self.last_mass = float(torch.cat(masses).detach().mean())
         attn = torch.stack([-(m + 1e-6).log().mean() for m in masses]).mean()
-        return dense + pair + self.attn_weight * attn, c_logits, s_logits
+        return dense + pair + shape_of + self.attn_weight * attn, c_logits, s_logits
 
     @torch.no_grad()
     def stage1_eval(self, tower: nn.Module, heads: tt.Stage1Heads, seed: int, n: int = 384) -> dict:
         tower.eval()
         rng = random.Random(f"{seed}-stage1-val")
-        stats: dict[str, list[float]] = {"color_obj": [], "shape_obj": [], "bg": [], "same_object_attn": []}
+        stats: dict[str, list[float]] = {"color_obj": [], "shape_obj": [], "bg": [], "same_object_attn": [],
+                                         "outline": []}
         for _ in range(max(1, n // 32)):
             batch = self.stage1_batch(rng, 32)
             _, c_logits, s_logits = self.stage1_forward(tower, heads, batch)
@@ -226,6 +263,7 @@ class QwenLayout(tt.LlavaLayout):
             stats["shape_obj"].append((s_logits.argmax(-1) == shapes)[obj].float().mean().item())
             stats["bg"].append((s_logits.argmax(-1) == shapes)[~obj].float().mean().item())
             stats["same_object_attn"].append(self.last_mass)
+            stats["outline"].append(self.last_outline)
         tower.train()
         return {k: round(float(np.mean(v)), 4) for k, v in stats.items()}
 
@@ -357,9 +395,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--sizes", type=lambda t: tuple(int(x) for x in t.split(",")), default=build_qwen.SIZES,
                    help="square image sizes in px, multiples of 14 (default 168,224)")
+    p.add_argument("--vision-heads", type=int, default=None, help="tower heads (default: width / 32)")
     own, rest = p.parse_known_args(argv)
     args = tt.parse_args(QWEN_DEFAULTS + rest)
-    args.sizes = own.sizes
+    args.sizes, args.vision_heads = own.sizes, own.vision_heads
     return args
 
 
@@ -370,7 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    config = build_qwen.build_config(args.vision_layers, args.vision_width, args.text_layers, args.text_width)
+    config = build_qwen.build_config(args.vision_layers, args.vision_width, args.text_layers, args.text_width,
+                                     args.vision_heads)
     model = Qwen2_5_VLForConditionalGeneration(config)
     processor = build_qwen.build_processor()
     args.layout = QwenLayout(processor, args.sizes)

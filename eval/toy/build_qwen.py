@@ -125,6 +125,7 @@ def build_config(
     vision_width: int = 128,
     text_layers: int = 8,
     text_width: int = 128,
+    vision_heads: int | None = None,
 ) -> Qwen2_5_VLConfig:
     """The Qwen2.5-VL-style configuration of the toy (tied word embeddings, M-RoPE sections 1/4, 3/8, 3/8
     of the rotary half as the 7B's [16, 24, 24]).
@@ -148,7 +149,7 @@ def build_config(
     }
     vision = {
         "depth": vision_layers, "hidden_size": vision_width, "intermediate_size": 4 * vision_width,
-        "num_heads": max(1, vision_width // 32), "out_hidden_size": text_width, "patch_size": PATCH,
+        "num_heads": vision_heads or max(1, vision_width // 32), "out_hidden_size": text_width, "patch_size": PATCH,
         "spatial_merge_size": MERGE, "temporal_patch_size": 2, "window_size": PATCH * MERGE * 4,
         "fullatt_block_indexes": [vision_layers // 2 - 1, vision_layers - 1],
     }

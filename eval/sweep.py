@@ -117,6 +117,7 @@ class SweepSpec:
     include_path: list[str] = field(default_factory=list)
     warmup: int = 1  # untimed generate calls before the timed ones, per cell
     repeats: int = 5  # timed calls per cell: the median and the spread are reported
+    backend: str = "hf"  # "vllm": each cell through a vLLM server (vtc.eval.served), batch_size requests at once
 
     def __post_init__(self) -> None:
         """Normalize what a YAML file or a caller may give (``methods: fastv`` is one method,
@@ -140,6 +141,9 @@ class SweepSpec:
             raise VtcError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         self.attn = None if self.attn is None else _text(self.attn, "attn")
         self.out = _text(self.out, "out")
+        self.backend = _text(self.backend, "backend")
+        if self.backend not in ("hf", "vllm"):
+            raise VtcError(f"backend {self.backend!r}: use hf (transformers, vtc.apply) or vllm (a vLLM server)")
         if not isinstance(self.params, dict) or not all(isinstance(k, str) for k in self.params):
             raise VtcError(f"params must map names to values (e.g. {{fastv.layer: 3}}), got {self.params!r}")
 
@@ -380,7 +384,9 @@ def run_settings(spec: SweepSpec) -> dict:
     """
     return {"model": spec.model, "model_fingerprint": model_fingerprint(spec.model_path()),
             "tasks": sorted(spec.tasks), "limit": spec.limit, "batch_size": spec.batch_size, "device": spec.device,
-            "dtype": spec.dtype, "attn": spec.attn, "timing": {"warmup": spec.warmup, "repeats": spec.repeats}}
+            "dtype": spec.dtype, "attn": spec.attn, "timing": {"warmup": spec.warmup, "repeats": spec.repeats},
+            # a vLLM folder's figures are the server's (an HF folder's settings are as before)
+            **({"backend": spec.backend} if spec.backend != "hf" else {})}
 
 
 def _legacy_settings(row: dict) -> dict:
@@ -398,7 +404,11 @@ def settings_difference(old: dict, new: dict) -> str | None:
         'limit 6 there, 4 here'
     """
     diffs = []
+    if old.get("backend", "hf") != new.get("backend", "hf"):  # absent in an HF folder's settings
+        diffs.append(f"backend {old.get('backend', 'hf')!r} there, {new.get('backend', 'hf')!r} here")
     for key, value in old.items():
+        if key == "backend":
+            continue
         if key not in new or new[key] == value:
             continue
         if key == "model_fingerprint":
@@ -631,6 +641,10 @@ def run(spec: SweepSpec, progress: bool = True, verbose: bool = False) -> Path:
 def _run_cells(spec: SweepSpec, manager, todo: list[Cell], out: Path, progress: bool, verbose: bool) -> bool:
     """Evaluate ``todo``, appending each cell's row and rewriting the reports after it; returns
     whether this process wrote any row."""
+    if spec.backend == "vllm":
+        from vtc.eval.served import run_cells
+
+        return run_cells(spec, manager, todo, out, progress, verbose)
     from lmms_eval.evaluator import simple_evaluate
     from transformers.utils import logging as hf_logging
 

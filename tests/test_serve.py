@@ -191,3 +191,25 @@ def test_vllm_serve_answers_as_vtc_apply(toy_model, tmp_path):
     answers = json.loads((tmp_path / "a.json").read_text())["answers"]
     assert toy.score(records, answers)["overall"] == toy.score(records, expected)["overall"]
     assert answers == expected
+
+
+def test_sweep_backend_vllm_gives_the_hf_backend_results(tmp_path):
+    """`vtc sweep --backend vllm` runs the same cells through `vllm serve` and writes the same rows and
+    summary: equal toy_vqa accuracy per cell, the plan's token counts, and the server's throughput."""
+    import json
+
+    from vtc.eval.sweep import SweepSpec, run
+
+    _serve_python()
+    common = {"methods": ["vtc_cls"], "budgets": [1 / 3], "limit": 24, "batch_size": 8, "repeats": 1, "warmup": 0}
+    served = run(SweepSpec(**common, backend="vllm", out=str(tmp_path / "vllm")), progress=False)
+    local = run(SweepSpec(**common, out=str(tmp_path / "hf")), progress=False)
+    rows = {b: {r["cell"]: r for r in map(json.loads, (p / "results.jsonl").read_text().splitlines())}
+            for b, p in (("vllm", served), ("hf", local))}
+    assert rows["vllm"].keys() == rows["hf"].keys() == {"full", "vtc_cls@0.333333"}
+    for cell, row in rows["vllm"].items():
+        assert row["metrics"] == rows["hf"][cell]["metrics"], cell
+        assert row["costs"]["tokens_entering_llm"] == rows["hf"][cell]["costs"]["tokens_entering_llm"]
+        assert row["costs"]["backend"] == "vllm" and row["costs"]["requests_per_s"] > 0
+    assert (served / "summary.md").exists()
+    assert json.loads((served / "settings.json").read_text())["backend"] == "vllm"

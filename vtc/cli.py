@@ -173,7 +173,7 @@ def cmd_sweep(args) -> None:
         "tasks": _list(args.tasks), "limit": args.limit, "batch_size": args.batch_size, "device": args.device,
         "dtype": args.dtype, "attn": args.attn, "out": args.out,
         "params": _params(args.param) or None, "include_path": args.include_path or None,
-        "warmup": args.warmup, "repeats": args.repeats,
+        "warmup": args.warmup, "repeats": args.repeats, "backend": args.backend,
     }
     spec = SweepSpec.from_yaml(args.spec, **flags) if args.spec else SweepSpec(
         **{k: v for k, v in flags.items() if v is not None})
@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", help="a YAML file with the same keys (flags given here override it)")
     p.add_argument("--warmup", type=int, help="untimed generate calls before timing each cell (default 1)")
     p.add_argument("--repeats", type=int, help="timed generate calls per cell: median and min-max (default 5)")
+    p.add_argument("--backend", choices=("hf", "vllm"),
+                   help="hf (default): transformers with vtc.apply; vllm: each cell through a vLLM server on "
+                        "127.0.0.1 (scripts/setup_serve.sh), --batch-size requests at once (pre-LLM methods)")
     p.add_argument("--verbose", action="store_true", help="show lmms-eval's own progress bars and messages")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("show", help="draw the visual tokens a method keeps at each stage")

@@ -59,6 +59,10 @@ class Adapter:
     def rotary(self) -> nn.Module:
         return self.base().language_model.rotary_emb
 
+    def final_norm(self) -> nn.Module | None:
+        """The language model's final norm (DART compares hidden states after it)."""
+        return getattr(self.base().language_model, "norm", None)
+
     def vision_attention(self, layer: int) -> nn.Module:
         raise NotImplementedError
 

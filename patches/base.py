@@ -92,7 +92,7 @@ class Installation:
         self.layer_stages = LayerStages(
             adapter.decoder_layers(), adapter.rotary(), tuple(s for s in active if s.layer is not None),
             state=lambda: self._seq, decoding=lambda: self._step,
-            flash="flash" in adapter.attention_implementation(),
+            flash="flash" in adapter.attention_implementation(), norm=adapter.final_norm(),
         )
         # Each set of vision layers whose [CLS] attention a stage reads (as its scores or metric).
         self.cls_sets = sorted({t.layers for s in self.vision_stages for t in (s.scorer, s.metric)

@@ -54,7 +54,7 @@ QWEN_MODEL_PATH = toy.QWEN_MODEL_PATH
 QWEN_DEFAULTS = [
     "--work", str(ROOT / "runs" / "toy-qwen"), "--model-dir", str(QWEN_MODEL_PATH), "--vision-layers", "4",
     # A narrower tower than the LLaVA toy's (4x its patches per image on this CPU budget).
-    "--vision-width", "64", "--batch1", "16", "--stage1-steps", "500", "--cls-steps", "0",
+    "--vision-width", "64", "--batch1", "16", "--stage1-steps", "1500", "--cls-steps", "0",
     "--n-cache", "4000", "--n-val", "256", "--stage2-steps", "2000", "--stage3-steps", "800", "--drop-from", "500",
     "--eval-every", "400",
     # full, mask, subset, merge, pool; no VisionZip [CLS] rows (no [CLS])

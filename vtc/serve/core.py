@@ -23,7 +23,17 @@ from vtc.plan import Plan, Stage
 from vtc.reduce import reduce_vision, resized
 
 # Reducers a served plan may use: each reduces one image's features after the tower.
-SERVED_REDUCERS = ("topk", "pool", "merge", "divprune", "dominant+context")
+SERVED_REDUCERS = ("topk", "pool", "merge", "divprune", "dominant+context", "vispruner", "downsample")
+
+# Why the reducers vLLM cannot run are refused (docs/serving.md).
+REFUSED = {
+    "tome": "it merges inside the vision tower's layers, which vtc does not patch in vLLM; use merge",
+    "cdpruner": (
+        "it weighs tokens by the instruction, and vLLM encodes an image apart from its prompt (the image's "
+        "inputs are processed and its features cached by a hash of the image alone, and shared by every "
+        "request that shows it); use vispruner or divprune, or the Hugging Face path"
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +55,18 @@ class ServePlan:
     key_layers: tuple[int, ...]  # vision layers whose keys a stage merges by
     mean_key_layers: tuple[int, ...]  # ... whose keys averaged over heads (VisionZip)
     needs_hidden: bool  # a stage reduces the projector's input (VisionZip on LLaVA-1.5)
+    grid: tuple[int, int] | None = None  # downsample: the patch grid the resized image gives (rows, cols)
 
     @property
     def keep(self) -> int:
         """Features per image the LLM receives: the placeholder count."""
-        return self.plan.keeps_for(self.image_tokens)[-1] if self.stages else self.image_tokens
+        return self.count(self.image_tokens)
+
+    def count(self, n: int) -> int:
+        """Features the LLM receives for an image whose tower gives ``n`` (downsample: its grid's)."""
+        if self.grid is not None:
+            return self.grid[0] * self.grid[1]
+        return self.plan.keeps_for(n)[-1] if self.stages else n
 
     @property
     def tower_layers(self) -> tuple[int, ...]:
@@ -90,7 +107,7 @@ def serve_plan(config, method: str, budget: int | float | None = None, **params)
         raise UnsupportedConfigurationError(
             f"{method} prunes inside the LLM ({', '.join(inside)}): under paged attention every layer holds the "
             f"same cache rows, so per-layer token counts cannot be served; use a pre-LLM method (vtc_cls, "
-            f"visionzip, random, pool, merge, divprune) or the Hugging Face path"
+            f"visionzip, vispruner, random, pool, merge, divprune, downsample) or the Hugging Face path"
         )
     reaching = [the_plan.image_tokens, *(s.keep for s in the_plan.stages)]
     stages = tuple(s for s, n in zip(the_plan.stages, reaching) if s.keep < n)
@@ -98,8 +115,12 @@ def serve_plan(config, method: str, budget: int | float | None = None, **params)
         if s.reducer not in SERVED_REDUCERS or dict(s.options).get("official"):
             raise UnsupportedConfigurationError(
                 f"{method}'s {s.reducer_label} stage cannot be served: "
-                + ("it merges inside the vision tower's layers, which vtc does not patch in vLLM; use merge"
-                   if s.reducer == "tome" else f"the plugin runs the reducers {', '.join(SERVED_REDUCERS)}")
+                + (REFUSED.get(s.reducer) or f"the plugin runs the reducers {', '.join(SERVED_REDUCERS)}")
+            )
+        if s.reducer == "downsample" and getattr(config.vision_config, "model_type", None) != "clip_vision_model":
+            raise UnsupportedConfigurationError(
+                f"{method}: the plugin interpolates the position embeddings of CLIP towers only, not "
+                f"{getattr(config.vision_config, 'model_type', None)!r}; use the Hugging Face path (vtc.apply)"
             )
         if s.positions != "compact":
             raise UnsupportedConfigurationError(
@@ -109,6 +130,11 @@ def serve_plan(config, method: str, budget: int | float | None = None, **params)
         if s.scorer.kind not in ("random", "cls_attention", "none"):
             raise UnsupportedConfigurationError(f"{method}: the plugin cannot compute the {s.scorer.kind} scorer")
     scorers = [t for s in stages for t in (s.scorer, s.metric) if t is not None]
+    grid = None
+    if any(s.reducer == "downsample" for s in stages):  # the tower gives the grid's tokens (patches/llava.py)
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        grid = ops.downsampled_grid(side, side, the_plan.keeps_for(side * side)[0])
     return ServePlan(
         plan=the_plan,
         stages=stages,
@@ -117,6 +143,7 @@ def serve_plan(config, method: str, budget: int | float | None = None, **params)
         key_layers=tuple(sorted({t.layers[0] for t in scorers if t.kind == "keys"})),
         mean_key_layers=tuple(sorted({t.layers[0] for t in scorers if t.kind == "mean_keys"})),
         needs_hidden=any(dict(s.options).get("pre") for s in stages),
+        grid=grid,
     )
 
 
@@ -151,6 +178,45 @@ def tower_signals(
         out["hidden"] = hidden[:, 1:]
         out["cls_hidden"] = hidden[:, :1].expand_as(hidden)[:, 1:]
     return out
+
+
+def interpolated_embeddings(embeddings, pixels: torch.Tensor) -> torch.Tensor:
+    """A CLIP tower's input embeddings ``[B, 1 + h * w, C]`` for images ``[B, 3, H, W]`` of any size
+    (``downsample``): the patch position embeddings resized (bicubic) to the ``h x w`` patch grid, as
+    transformers' ``CLIPVisionEmbeddings.interpolate_pos_encoding``. ``embeddings``: a CLIP embeddings
+    module (``patch_embedding``, ``class_embedding``, ``position_embedding``, ``patch_size``), vLLM's or
+    transformers'.
+
+    Example:
+        >>> from transformers import CLIPVisionConfig
+        >>> from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+        >>> config = CLIPVisionConfig(hidden_size=8, num_attention_heads=2, image_size=12, patch_size=4)
+        >>> emb = CLIPVisionEmbeddings(config)
+        >>> interpolated_embeddings(emb, torch.randn(1, 3, 8, 12)).shape
+        torch.Size([1, 7, 8])
+    """
+    weight = embeddings.patch_embedding.weight
+    patches = embeddings.patch_embedding(pixels.to(weight.dtype)).flatten(2).transpose(1, 2)
+    x = torch.cat([embeddings.class_embedding.expand(pixels.shape[0], 1, -1).to(patches.dtype), patches], dim=1)
+    table = embeddings.position_embedding.weight
+    side, rows, cols = round((table.shape[0] - 1) ** 0.5), *(d // embeddings.patch_size for d in pixels.shape[-2:])
+    if rows == cols == side:  # transformers keeps the table as it is at the trained size
+        return x + table[None]
+    grid = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+    return x + torch.cat([table[None, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], dim=1)
+
+
+def downsampled_pixels(sp: ServePlan, pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The processed images ``[B, 3, H, W]`` resized to ``sp.grid`` (bicubic, antialiased), as the
+    Hugging Face path resizes them (``patches/llava.py``).
+
+    Example:
+        >>> downsampled_pixels(ServePlan(None, (), 9, (), (), (), False, (2, 3)), torch.ones(1, 3, 6, 6), 2).shape
+        torch.Size([1, 3, 4, 6])
+    """
+    rows, cols = sp.grid
+    return ops.resize_images(pixels, rows * patch_size, cols * patch_size)
 
 
 def reduce_image(

@@ -52,7 +52,7 @@ class VtcLlavaProcessingInfo(LlavaProcessingInfo):
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         n = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
         sp = served_plan(self.get_hf_config())
-        return n if sp is None else sp.plan.keeps_for(n)[-1] if sp.stages else n
+        return n if sp is None else sp.count(n)
 
 
 def _build_info(ctx) -> VtcLlavaProcessingInfo:
@@ -82,6 +82,8 @@ class VtcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         from .core import reduce_image, tower_signals
 
         tower = self.vision_tower
+        if sp.grid is not None:
+            return self._downsampled_embeddings(sp, pixel_values)
         layers = tower.vision_model.encoder.layers
         captured: dict[int, tuple[_CLIPAttentionView, torch.Tensor]] = {}
         handles = []
@@ -106,3 +108,18 @@ class VtcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                                       project=self.multi_modal_projector)
             out.append(reduced)
         return out
+
+    def _downsampled_embeddings(self, sp, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """``downsample``: the images resized to the plan's patch grid, encoded by vLLM's tower with its
+        position embeddings interpolated (vLLM's CLIP embeddings take the trained size only, so their
+        forward is swapped for :func:`vtc.serve.core.interpolated_embeddings` during this call)."""
+        from .core import downsampled_pixels, interpolated_embeddings
+
+        embeddings = self.vision_tower.vision_model.embeddings
+        pixels = downsampled_pixels(sp, pixel_values, embeddings.patch_size)
+        embeddings.forward = lambda x: interpolated_embeddings(embeddings, x)
+        try:
+            full = self.vision_tower(pixels, feature_select_strategy="full")  # [B, 1 + rows * cols, C]
+        finally:
+            del embeddings.forward  # back to the class's forward
+        return list(self.multi_modal_projector(full[:, 1:]))

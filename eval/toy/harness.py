@@ -110,6 +110,7 @@ def score(records: Sequence[Record], predictions: Sequence[str]) -> dict:
     """Exact-match accuracy: ``{"overall": float, "per_kind": {kind: float}, "n": int}``.
 
     Example:
+        >>> from vtc.eval.toy import generate
         >>> recs = generate(3, seed=0)
         >>> score(recs, [r.answer for r in recs])["overall"]
         1.0

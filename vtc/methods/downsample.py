@@ -31,7 +31,7 @@ class Downsample(PreLLMTopK):
 
     Example:
         >>> from vtc.plan import ModelInfo
-        >>> Downsample().compile(ModelInfo("llava", 576, 32, 24, 22, True), 64).stages[0].reducer
+        >>> Downsample().compile(ModelInfo("llava", 576, 32, 24, 22, True, resizable=True), 64).stages[0].reducer
         'downsample'
     """
 

@@ -138,8 +138,10 @@ class Qwen2_5_VLAdapter(Adapter):
         out = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         for start, end in zip(bounds[:-1], bounds[1:]):
             qs, ks = q[start:end].transpose(0, 1).float(), k[start:end].transpose(0, 1).float()  # [H, m, d]
-            for s in range(0, end - start, 1024):
-                probs = torch.softmax(qs[:, s: s + 1024] @ ks.transpose(1, 2) * module.scaling, dim=-1)
+            # Query blocks of at most 2**24 probabilities (64 MB in float32) whatever the image's size.
+            block = max(1, 2**24 // (module.num_heads * (end - start)))
+            for s in range(0, end - start, block):
+                probs = torch.softmax(qs[:, s: s + block] @ ks.transpose(1, 2) * module.scaling, dim=-1)
                 out[start:end] += probs.sum(dim=(0, 1))
             out[start:end] /= module.num_heads * (end - start)
         return out

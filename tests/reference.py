@@ -149,3 +149,17 @@ def reference_logits(
             h = h + deep[i]
     logits = model.lm_head(lm.norm(h))
     return logits, [alive[b].nonzero()[:, 0] for b in range(bsz)]
+
+
+def llm_input(model, inputs, method: str, **params) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the patched model hands the language model at prefill, and vtc's kept indices (stacked)."""
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["inputs_embeds"]) if not seen else None, with_kwargs=True)
+    try:
+        with vtc.compressed(model, method, **params), torch.no_grad():
+            model(**inputs)
+            kept = torch.stack(vtc.stats(model).kept["vision"])
+    finally:
+        hook.remove()
+    return seen[0], kept

@@ -20,6 +20,8 @@ import vtc
 from vtc import ops
 from vtc.testing import tiny_inputs, tiny_llava
 
+from .reference import llm_input as shared_llm_input
+
 torch.set_num_threads(1)
 
 
@@ -75,18 +77,7 @@ def reference(model, inputs, count: int, negative: bool = False) -> tuple[torch.
     return torch.stack(picks), torch.stack(feats)
 
 
-def llm_input(model, inputs, **params):
-    """What the patched model hands the language model at prefill, and vtc's kept indices."""
-    seen = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["inputs_embeds"]) if not seen else None, with_kwargs=True)
-    try:
-        with vtc.compressed(model, "cdpruner", **params), torch.no_grad():
-            model(**inputs)
-            kept = torch.stack(vtc.stats(model).kept["vision"])
-    finally:
-        hook.remove()
-    return seen[0], kept
+llm_input = functools.partial(shared_llm_input, method="cdpruner")
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -17,6 +17,8 @@ import vtc
 from vtc import ops
 from vtc.testing import tiny_inputs, tiny_llava
 
+from .reference import llm_input as shared_llm_input
+
 torch.set_num_threads(1)
 
 
@@ -56,18 +58,7 @@ def official_divprune(visual_feature_vectors, threshold_terms: int) -> torch.Ten
     return s.sort().values
 
 
-def llm_input(model, inputs, **params):
-    """What the patched model hands the language model at prefill, and vtc's kept indices."""
-    seen = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["inputs_embeds"]) if not seen else None, with_kwargs=True)
-    try:
-        with vtc.compressed(model, "divprune", **params), torch.no_grad():
-            model(**inputs)
-            kept = torch.stack(vtc.stats(model).kept["vision"])
-    finally:
-        hook.remove()
-    return seen[0], kept
+llm_input = functools.partial(shared_llm_input, method="divprune")
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -19,6 +19,8 @@ import vtc
 from vtc import ops
 from vtc.testing import qwen_inputs, tiny_inputs, tiny_llava, tiny_model
 
+from .reference import llm_input as shared_llm_input
+
 torch.set_num_threads(1)
 
 
@@ -33,17 +35,7 @@ def pil_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
         (width, height), Image.BICUBIC))) for c in image.float()])
 
 
-def llm_input(model, inputs, **params):
-    seen = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["inputs_embeds"]) if not seen else None, with_kwargs=True)
-    try:
-        with vtc.compressed(model, "downsample", **params), torch.no_grad():
-            model(**inputs)
-            kept = vtc.stats(model).kept["vision"]
-    finally:
-        hook.remove()
-    return seen[0], kept
+llm_input = functools.partial(shared_llm_input, method="downsample")
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -18,6 +18,8 @@ import vtc
 from vtc import ops
 from vtc.testing import tiny_inputs, tiny_llava
 
+from .reference import llm_input
+
 torch.set_num_threads(1)
 
 
@@ -66,20 +68,6 @@ def official_vispruner(model, pixel_values, visual_token_num: int, important_rat
         index_masks.scatter_(1, selected, True)
         projected = model.model.multi_modal_projector(image_features)
     return [m.nonzero()[:, 0] for m in index_masks], projected
-
-
-def llm_input(model, inputs, method, **params):
-    """What the patched model hands the language model at prefill, and vtc's kept indices."""
-    seen = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["inputs_embeds"]) if not seen else None, with_kwargs=True)
-    try:
-        with vtc.compressed(model, method, **params), torch.no_grad():
-            model(**inputs)
-            kept = torch.stack(vtc.stats(model).kept["vision"])
-    finally:
-        hook.remove()
-    return seen[0], kept
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

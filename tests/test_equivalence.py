@@ -154,13 +154,13 @@ def test_cached_generation_equals_recomputation(model, case):
         assert torch.equal(ref[:, -1].argmax(-1), tokens[:, t])
 
 
-def batch_equals_single_samples(model, batch, singles, case):
-    """Greedy generation on a padded batch gives each sample what it gives alone."""
-    vtc.apply(model, **case_kwargs(model, case))
+def batch_equals_single_samples(model, batch, singles, method, steps: int = 5, **params):
+    """Greedy generation on a padded batch gives each sample what it gives alone (``method`` applied)."""
+    vtc.apply(model, method, **params)
     try:
-        tokens, logits = greedy(model, batch)
+        tokens, logits = greedy(model, batch, steps=steps)
         for b, alone in enumerate(singles):
-            tokens_b, logits_b = greedy(model, alone)
+            tokens_b, logits_b = greedy(model, alone, steps=steps)
             assert torch.equal(tokens_b[0], tokens[b])
             torch.testing.assert_close(logits_b[0], logits[b], atol=1e-5, rtol=1e-5)
     finally:
@@ -169,7 +169,7 @@ def batch_equals_single_samples(model, batch, singles, case):
 
 def test_padded_batch_equals_single_samples(model, case):
     batch = tiny_inputs(model, batch=2, pad=[3, 0], seed=4)
-    batch_equals_single_samples(model, batch, split_inputs(model, batch), case)
+    batch_equals_single_samples(model, batch, split_inputs(model, batch), **case_kwargs(model, case))
 
 
 @pytest.mark.parametrize("text", [12, 28], ids=["padded", "unpadded"])
@@ -178,7 +178,7 @@ def test_batch_of_samples_with_different_image_counts(model, case, text):
     # 28 text tokens the prompts are equally long: there is no padding, and no mask, to start from.
     one, two = tiny_inputs(model, images=1, text=text, seed=6), tiny_inputs(model, images=2, seed=7)
     batch = join_inputs([one, two])
-    batch_equals_single_samples(model, batch, [one, two], case)
+    batch_equals_single_samples(model, batch, [one, two], **case_kwargs(model, case))
 
 
 def test_prompt_without_image_is_unchanged(model, case):

@@ -16,7 +16,7 @@ from vtc.errors import MethodNotApplicableError
 from vtc.registry import get_adapter
 from vtc.testing import image_token_count, onevision_inputs, onevision_video_tokens, split_inputs, tiny_model
 
-from .test_equivalence import assert_rows_match, greedy, prefill_logits, traced
+from .test_equivalence import assert_rows_match, batch_equals_single_samples, greedy, prefill_logits, traced
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
@@ -237,15 +237,7 @@ def test_image_and_video_batch_equals_single_samples(model, case):
     singles = split_inputs(model, batch)
     assert "pixel_values_videos" in singles[0] and "pixel_values_videos" not in singles[1]
     method, params = _args(case)
-    vtc.apply(model, method, **params)
-    try:
-        tokens, logits = greedy(model, batch, steps=3)
-        for b, alone in enumerate(singles):
-            tokens_b, logits_b = greedy(model, alone, steps=3)
-            assert torch.equal(tokens_b[0], tokens[b])
-            torch.testing.assert_close(logits_b[0], logits[b], atol=1e-5, rtol=1e-5)
-    finally:
-        vtc.remove(model)
+    batch_equals_single_samples(model, batch, singles, method, steps=3, **params)
 
 
 @pytest.mark.parametrize("case", VIDEO_CASES, ids=VIDEO_IDS)

@@ -268,20 +268,13 @@ def test_video_cached_generation_equals_recomputation(model, case):
 def test_image_and_video_batch_equals_single_samples(model, case):
     from vtc.testing import split_inputs
 
-    from .test_equivalence import greedy
+    from .test_equivalence import batch_equals_single_samples
 
     batch = _video_batch(model, seed=9)
     singles = split_inputs(model, batch)
     assert "pixel_values_videos" in singles[0] and "pixel_values_videos" not in singles[1]
-    _apply(model, case)
-    try:
-        tokens, logits = greedy(model, batch, steps=3)
-        for b, alone in enumerate(singles):
-            tokens_b, logits_b = greedy(model, alone, steps=3)
-            assert torch.equal(tokens_b[0], tokens[b])
-            torch.testing.assert_close(logits_b[0], logits[b], atol=1e-5, rtol=1e-5)
-    finally:
-        vtc.remove(model)
+    method, params = _args(case)
+    batch_equals_single_samples(model, batch, singles, method, steps=3, **params)
 
 
 @pytest.mark.parametrize("case", VIDEO_CASES, ids=VIDEO_IDS)

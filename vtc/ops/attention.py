@@ -72,6 +72,24 @@ def _rotated_qk(layer: nn.Module, hidden_states: torch.Tensor, position_embeddin
     return apply_rope(q, _rows(cos, rows), _rows(sin, rows)), apply_rope(k, cos, sin)
 
 
+def _grouped_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Unscaled ``q k^T`` of queries ``[B, heads, r, d]`` and keys ``[B, kv_heads, N, d]``: ``[B, heads, r, N]``.
+    Grouped-query attention without repeating the keys: the query heads are grouped per kv head."""
+    bsz, heads, r, hd = q.shape
+    kv_heads, n = k.shape[1], k.shape[2]
+    logits = torch.matmul(q.reshape(bsz, kv_heads, heads // kv_heads * r, hd), k.transpose(-1, -2))
+    return logits.view(bsz, heads, r, n)
+
+
+def _causal_mean_softmax(logits: torch.Tensor, rows: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, heads, r, N]`` logits of the query ``rows`` ``[B, r]`` -> softmax (in float) over the keys
+    allowed by causality and ``key_mask``, mean over heads -> ``[B, r, N]``."""
+    allowed = torch.arange(logits.shape[-1], device=rows.device)[None, None] <= rows[:, :, None]  # [B, r, N]
+    if key_mask is not None:
+        allowed = allowed & key_mask.bool()[:, None, :]
+    return logits.float().masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)
+
+
 def layer_keys(
     layer: nn.Module,
     hidden_states: torch.Tensor,
@@ -134,14 +152,9 @@ def query_attention(
         qi = torch.full((bsz,), query_index % n, device=hidden_states.device)
         rows = slice(query_index % n, query_index % n + 1)
     q, k = _rotated_qk(layer, hidden_states, position_embeddings, rows, projections)
-    hd, heads, kv_heads = q.shape[-1], q.shape[1], k.shape[1]
-    attn = layer.self_attn
-    # Grouped-query attention without repeating the keys: group the query heads per kv head.
-    logits = torch.matmul(q.view(bsz, kv_heads, heads // kv_heads, hd), k.transpose(-1, -2))
-    logits = logits.view(bsz, heads, n) * attn.scaling
-    causal = torch.arange(n, device=hidden_states.device)[None] <= qi[:, None]
-    key_mask = causal if key_mask is None else key_mask.bool() & causal
-    return _mean_head_softmax(logits, key_mask)
+    # Scaled in the model's dtype, then the softmax in float (queries_attention scales in float).
+    logits = _grouped_logits(q, k) * layer.self_attn.scaling
+    return _causal_mean_softmax(logits, qi[:, None], key_mask)[:, 0]
 
 
 def queries_attention(
@@ -169,17 +182,10 @@ def queries_attention(
         >>> att.shape, bool(att[0, 0, 3:].sum() == 0)
         (torch.Size([1, 2, 5]), True)
     """
-    bsz, n, _ = hidden_states.shape
+    bsz = hidden_states.shape[0]
     rows = query_rows.to(hidden_states.device).long().expand(bsz, -1)
     q, k = _rotated_qk(layer, hidden_states, position_embeddings, rows, projections)
-    hd, heads, kv_heads, r = q.shape[-1], q.shape[1], k.shape[1], rows.shape[1]
-    logits = torch.matmul(q.reshape(bsz, kv_heads, heads // kv_heads * r, hd), k.transpose(-1, -2))
-    logits = logits.view(bsz, heads, r, n).float() * layer.self_attn.scaling
-    allowed = torch.arange(n, device=rows.device)[None, None] <= rows[:, :, None]  # [B, r, N]
-    if key_mask is not None:
-        allowed = allowed & key_mask.bool()[:, None, :]
-    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)
+    return _causal_mean_softmax(_grouped_logits(q, k).float() * layer.self_attn.scaling, rows, key_mask)
 
 
 def cls_attention(attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -196,7 +196,10 @@ def test_adapter_chosen_by_class_and_model_type(tmp_path):
 VIDEO_CASES = [("random", {"budget": 0.5, "seed": 1}), ("merge", {"budget": 0.4}), ("fastv", {"budget": 0.6}),
                ("pdrop", {"budget": 0.5}), ("visionzip", {"budget": 0.5}),
                ("divprune", {"budget": 0.3}), ("pool", {"budget": 0.25}),
-               ("random+fastv", {"budget": 0.6, "seed": 2, "fastv.layer": 1})]
+               ("random+fastv", {"budget": 0.6, "seed": 2, "fastv.layer": 1}),
+               ("vispruner", {"budget": 0.4}), ("cdpruner", {"budget": 0.4}), ("aim", {"budget": 0.4}),
+               ("dart", {"budget": 0.6, "pivot_image": 2, "pivot_text": 2}),
+               ("sparsevlm", {"budget": 0.5, "recycle": False})]
 VIDEO_IDS = [c[0] for c in VIDEO_CASES]
 
 

@@ -78,11 +78,15 @@ class Qwen2_5_VLAdapter(Adapter):
             tiled=True,  # images of different sizes, not one square grid
             resizable=True,
             grids=True,  # but one grid per image (per temporal group of a video): see layout()
-            # The last full-attention block: every patch attends to its whole image there.
-            received_layer=max((i for i in self.model.config.vision_config.fullatt_block_indexes if i < depth),
-                               default=None),
+            received_layer=self.received_layer(),
             **self.text_sizes(),
         )
+
+    def received_layer(self) -> int | None:
+        """The vision block whose received attention ranks patches: the last full-attention block (every
+        patch attends to its whole image there)."""
+        depth = self.model.config.vision_config.depth
+        return max((i for i in self.model.config.vision_config.fullatt_block_indexes if i < depth), default=None)
 
     def vision_hidden_size(self) -> int:
         return self.model.config.vision_config.hidden_size

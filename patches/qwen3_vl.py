@@ -33,7 +33,7 @@ import torch
 
 from vtc import ops
 from vtc.errors import UnsupportedConfigurationError
-from vtc.plan import ModelInfo, Plan
+from vtc.plan import Plan
 from vtc.registry import register_adapter
 
 from .qwen2_5_vl import Qwen2_5_VLAdapter
@@ -47,20 +47,8 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     class_names = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     model_types = ("qwen3_vl", "qwen3_vl_moe")
 
-    def info(self) -> ModelInfo:
-        depth = self.model.config.vision_config.depth
-        return ModelInfo(
-            family=self.family,
-            image_tokens=self.reference_tokens,
-            vision_layers=depth,
-            vision_feature_layer=depth - 1,
-            has_cls=False,
-            tiled=True,
-            grids=True,
-            resizable=True,  # its learned position embeddings are interpolated to any grid (downsample)
-            received_layer=depth - 1,  # every block attends over the whole image
-            **self.text_sizes(),
-        )
+    def received_layer(self) -> int:
+        return self.model.config.vision_config.depth - 1  # every block attends over the whole image
 
     def check_plan(self, plan: Plan) -> None:
         super().check_plan(plan)

@@ -49,3 +49,23 @@ def keep_count(value: int | float, total: int, what: str = "keep") -> int:
         288
     """
     return max(1, min(total, int(round(resolve_count(value, total, what)))))
+
+
+def keep_after_layer(method: str, budget: int | float, n: int, num_layers: int, layer: int) -> int:
+    """Tokens to keep after ``layer`` so that an image of ``n`` tokens, all kept in the first ``layer``
+    layers, averages ``budget`` tokens over ``num_layers`` (one in-LLM prune: FastV, DART).
+
+    Example:
+        >>> keep_after_layer("fastv", 192, 576, 32, 2)
+        166
+    """
+    target = resolve_count(budget, n)
+    keep = round((target * num_layers - layer * n) / (num_layers - layer))
+    if keep < 1:
+        lowest = (layer * n + (num_layers - layer)) / num_layers
+        raise BudgetError(
+            f"{method} with layer={layer} on {num_layers} layers keeps all {n} tokens in its first {layer} "
+            f"layers, so it cannot reach budget {budget!r}: the lowest feasible budget is {lowest:.1f} "
+            f"tokens ({lowest / n:.3f}); raise the budget or lower `layer`"
+        )
+    return keep

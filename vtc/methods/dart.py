@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vtc.budget import resolve_count
+from vtc.budget import keep_after_layer, resolve_count
 from vtc.errors import BudgetError, VtcError
 from vtc.plan import ModelInfo, Plan, Scorer, Stage
 from vtc.registry import register_method
@@ -57,15 +57,7 @@ class DART(Method):
             raise BudgetError(f"dart: give one of budget, keep and truncation, not {' and '.join(given)}")
         pivots = self.pivot_image + self.pivot_text
         if budget is not None:
-            target = resolve_count(budget, n)
-            keep = round((target * num_layers - k_layer * n) / (num_layers - k_layer))
-            if keep < 1:
-                lowest = (k_layer * n + (num_layers - k_layer)) / num_layers
-                raise BudgetError(
-                    f"dart with layer={k_layer} on {num_layers} layers keeps all {n} tokens in its first {k_layer} "
-                    f"layers, so it cannot reach budget {budget!r}: the lowest feasible budget is {lowest:.1f} "
-                    f"tokens ({lowest / n:.3f}); raise the budget or lower `layer`"
-                )
+            keep = keep_after_layer("dart", budget, n, num_layers, k_layer)
         elif self.keep is not None:
             keep = max(1, int(resolve_count(self.keep, n, "keep")))
         else:

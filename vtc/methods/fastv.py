@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vtc.budget import resolve_count
+from vtc.budget import keep_after_layer, resolve_count
 from vtc.errors import BudgetError, VtcError
 from vtc.plan import ModelInfo, Plan, Scorer, Stage
 from vtc.registry import register_method
@@ -46,14 +46,6 @@ class FastV(Method):
         if budget is None:
             keep = max(1, int(resolve_count(self.keep if self.keep is not None else 0.5, n, "keep")))
         else:
-            target = resolve_count(budget, n)
-            keep = round((target * num_layers - k_layer * n) / (num_layers - k_layer))
-            if keep < 1:
-                lowest = (k_layer * n + (num_layers - k_layer)) / num_layers
-                raise BudgetError(
-                    f"fastv with layer={k_layer} on {num_layers} layers keeps all {n} tokens in its first "
-                    f"{k_layer} layers, so it cannot reach budget {budget!r}: the lowest feasible budget is "
-                    f"{lowest:.1f} tokens ({lowest / n:.3f}); raise the budget or lower `layer`"
-                )
+            keep = keep_after_layer("fastv", budget, n, num_layers, k_layer)
         stage = Stage(f"layer:{k_layer}", Scorer("query_attention", (k_layer - 1,)), keep, positions=self.positions)
         return self._plan(info, (stage,), budget)

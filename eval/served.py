@@ -130,14 +130,13 @@ def plan_costs(spec, cell, text: int = 0) -> dict:
 
 def run_cells(spec, manager, todo: list, out: Path, progress: bool, verbose: bool) -> bool:
     """Evaluate ``todo`` through vLLM, one server per cell; rows as the HF backend writes them."""
-    import dataclasses
 
     from lmms_eval.evaluator import simple_evaluate
 
     from vtc.eval.report import write_reports
     from vtc.eval.serve import server
     from vtc.eval.store import append_jsonl
-    from vtc.eval.sweep import _metrics, cell_key, quiet_lmms_bars, versions
+    from vtc.eval.sweep import quiet_lmms_bars, result_row
 
     wrote = False
     for i, cell in enumerate(todo, 1):
@@ -165,17 +164,7 @@ def run_cells(spec, manager, todo: list, out: Path, progress: bool, verbose: boo
                  "kv_cache_bytes": None, "peak_memory_bytes": None,
                  "ttft_s": ttft[len(ttft) // 2] if ttft else None, "ttft_s_min": ttft[0] if ttft else None,
                  "ttft_s_max": ttft[-1] if ttft else None, "concurrency": spec.batch_size}
-        row = {
-            "key": cell_key(spec, cell),
-            "cell": cell.name,
-            "config": {**{k: v for k, v in dataclasses.asdict(spec).items() if k not in ("methods", "budgets")},
-                       "method": cell.method, "budget": cell.budget, "params": dict(cell.params)},
-            "metrics": _metrics(results),
-            "costs": costs,
-            "seconds": time.time() - start,
-            "versions": versions(),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
+        row = result_row(spec, cell, results, costs, start)
         append_jsonl(out / "results.jsonl", row)
         write_reports(out)
         wrote = True

@@ -475,6 +475,21 @@ def _metrics(results: dict) -> dict:
     return out
 
 
+def result_row(spec: SweepSpec, cell: Cell, results: dict, costs: dict, start: float) -> dict:
+    """The ``results.jsonl`` row of a finished cell (either backend): its key, settings, metrics and costs."""
+    return {
+        "key": cell_key(spec, cell),
+        "cell": cell.name,
+        "config": {**{k: v for k, v in dataclasses.asdict(spec).items() if k not in ("methods", "budgets")},
+                   "method": cell.method, "budget": cell.budget, "params": dict(cell.params)},
+        "metrics": _metrics(results),
+        "costs": costs,
+        "seconds": time.time() - start,
+        "versions": versions(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
 def _costs(records: list[dict], memory, timing: dict) -> dict:
     """A cell's costs: token counts and FLOPs (means over its ``generate`` calls), the timed
     repeats (``timing``: medians and spreads), and the cell's peak memory."""
@@ -686,17 +701,7 @@ def _run_cells(spec: SweepSpec, manager, todo: list[Cell], out: Path, progress: 
                 vtc.remove(model)
         if results is None or not lm.accelerator.is_main_process:  # under accelerate, rank 0 writes
             continue
-        row = {
-            "key": cell_key(spec, cell),
-            "cell": cell.name,
-            "config": {**{k: v for k, v in dataclasses.asdict(spec).items() if k not in ("methods", "budgets")},
-                       "method": cell.method, "budget": cell.budget, "params": dict(cell.params)},
-            "metrics": _metrics(results),
-            "costs": _costs(lm.costs, memory, timing),
-            "seconds": time.time() - start,
-            "versions": versions(),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
+        row = result_row(spec, cell, results, _costs(lm.costs, memory, timing), start)
         append_jsonl(out / "results.jsonl", row)
         write_reports(out)
         wrote = True

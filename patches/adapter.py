@@ -115,7 +115,13 @@ class Adapter:
 
     def encode_others(self, arguments: dict) -> None:
         """Once the images' encoder output is handed to the base forward (``mm_encoder_outputs``), encode
-        the other modalities still given as pixels (Qwen's video) into it too: the forward refuses both."""
+        the other modalities still given as pixels (video) into it too: the forward refuses both."""
+        if arguments.get("pixel_values_videos") is None:
+            return
+        mm = arguments["mm_encoder_outputs"]
+        if mm.get("video") is None:
+            mm["video"] = self.encode_videos(arguments)
+        arguments["pixel_values_videos"] = None
 
     def decode_positions(self, arguments: dict, past: int, offset: int) -> None:
         """Fill in a decode step's ``position_ids`` where the model would number it by the cache's length,

@@ -115,12 +115,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                                               **{k: arguments[k] for k in names if arguments.get(k) is not None},
                                               return_dict=True)
 
-    def encode_others(self, arguments: dict) -> None:
-        mm = arguments["mm_encoder_outputs"]
-        if arguments.get("pixel_values_videos") is not None and mm.get("video") is None:
-            mm["video"] = self.encode_videos(arguments)
-        arguments["pixel_values_videos"] = None
-
     def video_pooler_output(self, feats: list[torch.Tensor]) -> torch.Tensor:
         # The forward flattens a [videos, tokens, D] tensor; every video of a batch keeps as many tokens.
         return torch.stack(feats)

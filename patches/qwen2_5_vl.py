@@ -122,12 +122,6 @@ class Qwen2_5_VLAdapter(Adapter):
         return self.base().get_video_features(arguments["pixel_values_videos"], arguments.get("video_grid_thw"),
                                               return_dict=True)
 
-    def encode_others(self, arguments: dict) -> None:
-        mm = arguments["mm_encoder_outputs"]
-        if arguments.get("pixel_values_videos") is not None and mm.get("video") is None:
-            mm["video"] = self.encode_videos(arguments)
-        arguments["pixel_values_videos"] = None
-
     def received_attention(self, module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Per tower patch (window order), the attention it receives in ``module``, averaged over heads and
         over the queries of its attention span (``cu_seqlens``: its image at a full-attention block), from

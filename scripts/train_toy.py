@@ -437,18 +437,7 @@ def build_sequence(v: Vocab, turns: list[tuple[str, str, str]], n_image: int) ->
 
 def relevant_shapes(scene: scenes.Scene, kind: str, params: dict[str, str]) -> list[int]:
     """Shape ids (1-based, as in the patch labels) of the objects a question is about."""
-    objs = scene.objects
-    if kind == "color":
-        hit = [o for o in objs if o.shape == params["shape"]]
-    elif kind == "shape":
-        hit = [o for o in objs if o.color == params["color"]]
-    elif kind == "presence":
-        hit = [o for o in objs if o.color == params["color"] or o.shape == params["shape"]]
-    elif kind == "left_of":
-        hit = [o for o in objs if o.shape in (params["shape"], params["other"])]
-    else:
-        hit = list(objs)
-    return [scenes.SHAPES.index(o.shape) + 1 for o in hit]
+    return [scenes.SHAPES.index(o.shape) + 1 for o in scenes.asked_objects(scene, kind, params)]
 
 
 def sample_turns(scene: scenes.Scene, rng: random.Random, n: int, kinds: dict[str, float]) -> list:

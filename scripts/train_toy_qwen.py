@@ -8,9 +8,9 @@ patches with window attention (8x8-patch windows, full attention in two blocks) 
 
 1. ``stage1``: the tower on per-token labels (color and shape of each 14 px token, read from the
    merger's input: the 2x2 patches of the token, concatenated) and on which color-shape pairs
-   the image holds (mean over its tokens), with head 0 of each full-attention block taught to
-   attend from each object patch to its own object (:class:`TowerAttentionProbe`). No [CLS], so
-   no stage 1b.
+   the image holds (mean over its object tokens: no global target for the background), with
+   head 0 of each full-attention block taught to attend from each object patch to its own object
+   (:class:`TowerAttentionProbe`). No [CLS], so no stage 1b.
 2. ``cache``: per image size, the frozen tower's last block output, in the raster order of the
    merged grid (``[tokens, 4 * width]``, the merger's input), float16.
 3. ``stage2`` / ``stage3``: as the LLaVA toy, with the merger in the projector's place (trained
@@ -55,7 +55,7 @@ QWEN_DEFAULTS = [
     "--work", str(ROOT / "runs" / "toy-qwen"), "--model-dir", str(QWEN_MODEL_PATH), "--vision-layers", "4",
     # A narrower tower than the LLaVA toy's (4x its patches per image on this CPU budget).
     "--vision-width", "64", "--batch1", "16", "--stage1-steps", "1500", "--cls-steps", "0",
-    "--n-cache", "4000", "--n-val", "256", "--stage2-steps", "2000", "--stage3-steps", "800", "--drop-from", "500",
+    "--n-cache", "4000", "--n-val", "256", "--stage2-steps", "1800", "--stage3-steps", "800", "--drop-from", "500",
     "--eval-every", "400",
     # full, mask, subset, merge, pool; no VisionZip [CLS] rows (no [CLS])
     "--shorten-mix", "0.15,0.15,0.35,0.25,0.1,0",
@@ -233,7 +233,10 @@ class QwenLayout(tt.LlavaLayout):
         w = torch.where(shapes > 0, 3.0, 1.0)  # object tokens are the minority
         dense = (F.cross_entropy(c_logits.transpose(1, 2), colors, reduction="none") * w).mean()
         dense = dense + (F.cross_entropy(s_logits.transpose(1, 2), shapes, reduction="none") * w).mean()
-        pooled = feats.mean(1)
+        # Pairs from the object tokens only: a mean over every token taught the background to carry
+        # the objects (the first model answered 80% of the questions whose object had been dropped).
+        on = (shapes > 0).unsqueeze(-1).to(feats.dtype)
+        pooled = (feats * on).sum(1) / on.sum(1).clamp(min=1)
         pair = F.binary_cross_entropy_with_logits(heads.cls_last(pooled), pairs)
         pair = pair + F.binary_cross_entropy_with_logits(heads.cls_feat(pooled), pairs)
         order, unit = window_index(tower, grid), tower.spatial_merge_unit

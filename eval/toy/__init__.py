@@ -11,7 +11,17 @@ Example:
 
 from __future__ import annotations
 
-from .harness import MODEL_PATH, MODEL_PATHS, QWEN_MODEL_PATH, answer, evaluate, load, prompt, score
+from .harness import (
+    MODEL_PATH,
+    MODEL_PATHS,
+    QWEN_MODEL_PATH,
+    answer,
+    answers_without_the_object,
+    evaluate,
+    load,
+    prompt,
+    score,
+)
 from .scenes import (
     ALL_KINDS,
     COLOR_NAMES,
@@ -21,6 +31,8 @@ from .scenes import (
     Record,
     Scene,
     SceneObject,
+    asked_objects,
+    asked_tokens,
     generate,
     patch_labels,
     render,
@@ -42,6 +54,9 @@ __all__ = [
     "Scene",
     "SceneObject",
     "answer",
+    "answers_without_the_object",
+    "asked_objects",
+    "asked_tokens",
     "evaluate",
     "generate",
     "load",

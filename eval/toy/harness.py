@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-from .scenes import Record
+from .scenes import Record, asked_tokens
 
 MODEL_PATH: Path = Path(__file__).resolve().parent / "model"
 QWEN_MODEL_PATH: Path = Path(__file__).resolve().parent / "model-qwen"
@@ -139,3 +139,29 @@ def evaluate(
         {'overall': 0.97, 'per_kind': {'color': 0.98, 'shape': 0.97, 'presence': 0.96}, 'n': 500}
     """
     return score(records, answer(model, processor, records, batch_size=batch_size))
+
+
+def answers_without_the_object(
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, records: Sequence[Record], batch_size: int = 16
+) -> dict:
+    """With a vtc method installed: exact match on the records whose asked objects kept a token to the
+    LLM's last stage, and on those whose asked objects lost every token (``asked_tokens``). A toy that
+    answers the second group well above chance reads the objects from other tokens (a tower that
+    spread them over the background), which no pruning benchmark should reward.
+
+    Example:
+        >>> with vtc.compressed(model, "random", budget=1 / 9):                  # doctest: +SKIP
+        ...     answers_without_the_object(model, processor, generate(300, seed=31337))
+        {'kept': {'overall': 1.0, 'n': 172}, 'dropped': {'overall': 0.38, 'n': 81}}
+    """
+    import vtc  # the toy's harness runs without vtc installed on the model otherwise
+
+    groups: dict[str, list[bool]] = {"kept": [], "dropped": []}
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        predictions = answer(model, processor, batch, batch_size=batch_size)
+        kept = list(vtc.stats(model).kept.values())[-1]  # the last stage's kept indices, per image
+        for rec, pred, idx in zip(batch, predictions, kept, strict=True):
+            asked = torch.as_tensor(asked_tokens(rec))
+            groups["kept" if bool(asked[idx.cpu()].any()) else "dropped"].append(pred == rec.answer)
+    return {name: {"overall": sum(h) / max(1, len(h)), "n": len(h)} for name, h in groups.items()}

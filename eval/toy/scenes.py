@@ -293,6 +293,48 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> tuple[str, str, dict[str
     raise ValueError(f"unknown kind {kind!r}; expected one of {ALL_KINDS}")
 
 
+def asked_objects(scene: Scene, kind: str, params: dict[str, str]) -> list[SceneObject]:
+    """The objects a question is about: the one named (color, shape), those sharing the asked color
+    or shape (presence: a hard "no" needs both), the two compared (left_of), every object (count).
+
+    Example:
+        >>> s = make_scene(random.Random(0))
+        >>> q, a, p = ask(s, "color", random.Random(1))
+        >>> [o.color for o in asked_objects(s, "color", p)] == [a]
+        True
+    """
+    objs = scene.objects
+    if kind == "color":
+        return [o for o in objs if o.shape == params["shape"]]
+    if kind == "shape":
+        return [o for o in objs if o.color == params["color"]]
+    if kind == "presence":
+        return [o for o in objs if o.color == params["color"] or o.shape == params["shape"]]
+    if kind == "left_of":
+        return [o for o in objs if o.shape in (params["shape"], params["other"])]
+    return list(objs)
+
+
+def asked_tokens(record: Record, patch_size: int = PATCH_SIZE, min_cover: float = 0.3) -> np.ndarray:
+    """Per image token (row-major, ``patch_size`` px), whether an object the question is about covers at
+    least ``min_cover`` of it: the tokens a model should answer from (the toy's instrument checks drop
+    them and expect no better than chance).
+
+    Example:
+        >>> r = generate(1, seed=0)[0]
+        >>> mask = asked_tokens(r)
+        >>> mask.shape, bool(mask.any())
+        ((144,), True)
+    """
+    scene = record.scene
+    asked = {i + 1 for i, o in enumerate(scene.objects) if o in asked_objects(scene, record.kind, record.params)}
+    m = object_index_map(scene)
+    g = scene.size // patch_size
+    blocks = m[: g * patch_size, : g * patch_size].reshape(g, patch_size, g, patch_size).transpose(0, 2, 1, 3)
+    blocks = blocks.reshape(g * g, patch_size * patch_size)
+    return np.isin(blocks, sorted(asked)).mean(1) >= min_cover
+
+
 def generate(
     n: int, seed: int, kinds: tuple[str, ...] = REQUIRED_KINDS, sizes: tuple[int, ...] = (IMAGE_SIZE,)
 ) -> list[Record]:

@@ -67,6 +67,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                             "tiled": True, "tile_regions": False,
                             # pool: a video's frames and a single-tile image are grids (see layout)
                             "grids": True,
+                            "video": True,
                             # SigLIP has no [CLS]: the attention each patch receives at the feature layer.
                             "received_layer": base.vision_feature_layer,
                             # one patch per token (before the downscaling of large images), attending within its tile

@@ -78,6 +78,7 @@ class Qwen2_5_VLAdapter(Adapter):
             tiled=True,  # images of different sizes, not one square grid
             resizable=True,
             grids=True,  # but one grid per image (per temporal group of a video): see layout()
+            video=True,
             received_layer=self.received_layer(),
             **self.text_sizes(),
         )

@@ -50,6 +50,7 @@ METHODS = {
     "vtc_cls+pdrop": ("vtc_cls+pdrop", {"budget": 6}),
     "hired": ("hired", {"budget": 6, "alpha": 0.25, "early": 1}),  # LLaVA-NeXT only
     "random+fastv": (["random", "fastv"], {"budget": 7, "fastv.layer": 1, "seed": 2}),
+    "dycoke": ("dycoke", {"budget": 8}),  # video only: images pass unchanged (tests/test_dycoke.py)
 }
 
 # Cases that merge tokens inside the LLM: no attention mask over the prompt's rows reproduces them, so the
@@ -74,6 +75,8 @@ def applies(backend: tuple, case: str) -> bool:
     family = backend[2] if len(backend) > 2 else "llava"
     method = METHODS[case][0]
     names = method if isinstance(method, list) else method.split("+")
+    if "dycoke" in names:
+        return False  # prunes a video's frames; the matrix's prompts hold images (tests/test_dycoke.py)
     if "downsample" in names and family not in ("llava", "qwen2_5_vl", "qwen3_vl"):
         return False  # fixed-size tiles chosen by the processor (tests/test_downsample.py)
     untiled = ("pool", "tome")

@@ -14,7 +14,7 @@ from typing import Literal
 SCORERS = ("cls_attention", "received_attention", "query_attention", "pagerank", "dart", "rater_attention", "random",
            "keys", "mean_keys", "none")
 REDUCERS = ("topk", "merge", "pool", "dominant+context", "hired", "tome", "divprune", "vispruner", "cdpruner",
-            "downsample", "recycle")
+            "downsample", "recycle", "dycoke")
 # Reducers of layer stages: top-k, or top-k plus merged tokens recycled from the rest (SparseVLM).
 LAYER_REDUCERS = ("topk", "recycle")
 POSITIONS = ("keep", "compact")
@@ -58,6 +58,8 @@ class ModelInfo:
     # Each image's tokens are one rectangular grid per temporal group, placed by the adapter's layout (``frame``,
     # ``row``, ``col``; Qwen): ``pool`` pools each grid.
     grids: bool = False
+    # The family takes video (``pixel_values_videos``), reduced as entries of frames (``dycoke`` needs it).
+    video: bool = False
 
 
 @dataclass(frozen=True)

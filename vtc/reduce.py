@@ -11,7 +11,7 @@ import dataclasses
 import torch
 
 from . import ops
-from .errors import MethodNotApplicableError
+from .errors import BudgetError, MethodNotApplicableError
 from .plan import Stage
 
 
@@ -22,7 +22,8 @@ def reduce_vision(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply ``stage`` to ``feats`` ``[I, n, D]``; returns the reduced features and, for each,
     its position among the ``n`` inputs (``[I, k]``; ascending, except ``dominant+context``,
-    whose tokens come in VisionZip's order: see :func:`vtc.ops.dominant_and_context`).
+    whose tokens come in VisionZip's order: see :func:`vtc.ops.dominant_and_context`, and ``dycoke`` under
+    compact positions, in DyCoke's: see :func:`vtc.ops.temporal_prune`).
 
     ``protected`` (bool ``[n]``, fewer than ``stage.keep`` set) marks tokens kept as they are
     (LLaVA-NeXT's row ends); the stage reduces the others to the rest of the budget.
@@ -66,6 +67,8 @@ def reduce_vision(
     if stage.reducer == "topk":
         keep = ops.topk_keep(scores, stage.keep)
         return ops.gather_tokens(feats, keep), keep
+    if stage.reducer == "dycoke":
+        return _dycoke(stage, feats, layout)
     if stage.reducer == "divprune":
         keep = ops.divprune_select(feats, stage.keep)
         return ops.gather_tokens(feats, keep), keep
@@ -117,8 +120,50 @@ def _pool_grids(feats: torch.Tensor, keep: int, layout: dict[str, torch.Tensor])
     return ops.gather_tokens(torch.cat([feats[:, fixed], pooled], dim=1), order), index
 
 
+def _dycoke(stage: Stage, feats: torch.Tensor, layout: dict[str, torch.Tensor] | None):
+    """DyCoke's TTM (:func:`vtc.ops.temporal_prune`) on each entry whose layout has two frames or more (a video);
+    an image (one grid, or no grid: an anyres image) passes unchanged. Tokens outside the frames (a OneVision
+    video's newline, ``frame`` -1) stay after them. Each pruned frame keeps ``int(ratio * N)`` tokens (option
+    ``ratio``, the official count), else the most that keep the entry within ``stage.keep``. Kept tokens come in
+    DyCoke's order under compact positions; under kept positions in their original order, so each token keeps
+    its own position."""
+    count, n, _ = feats.shape
+    frame = None if layout is None or "frame" not in layout else layout["frame"]
+    if frame is None or int(frame.max()) < 1:  # no video among these entries
+        return feats, torch.arange(n, device=feats.device).expand(count, -1)
+    if not torch.equal(frame, frame[:1].expand_as(frame)):
+        raise ValueError("dycoke reduces entries of one layout together: give it one video per call")
+    frame = frame[0]
+    grid = frame >= 0
+    frames = int(frame.max()) + 1
+    per = int(grid.sum()) // frames
+    if not torch.equal(frame[: frames * per], torch.arange(frames, device=frame.device).repeat_interleave(per)) \
+            or bool(grid[frames * per:].any()):
+        raise ValueError("dycoke needs each video's whole frames in order: make it the first vision stage")
+    fixed = (~grid).nonzero()[:, 0]
+    options = dict(stage.options)
+    if "ratio" in options:
+        cut = int(options["ratio"] * per)  # the official int(merging_ratio * num_tokens_per_frame)
+    else:
+        whole, pruned = ops.temporal_prune_counts(frames)
+        lowest, highest = whole * per + fixed.numel(), (whole + pruned) * per + fixed.numel()
+        if stage.keep < lowest:
+            raise BudgetError(
+                f"dycoke keeps {whole} of this video's {frames} frames whole ({per} tokens each), so it keeps at least "
+                f"{lowest} of its {n} tokens ({lowest / n:.3f}); the budget allows {stage.keep}: feasible for this "
+                f"video: {lowest} to {highest} tokens ({lowest / n:.3f} to {highest / n:.3f} of it); raise the budget"
+            )
+        cut = min(per, (stage.keep - lowest) // pruned)
+    local = torch.cat([ops.temporal_prune(feats[i, : frames * per].view(frames, per, -1), cut)
+                       for i in range(count)]).view(count, -1)
+    index = torch.cat([local, fixed.expand(count, -1)], dim=1)
+    if stage.positions == "keep":
+        index = index.sort(dim=1).values
+    return ops.gather_tokens(feats, index), index
+
+
 # Reducers whose output is their input gathered at the indices they return (nothing is mixed).
-SELECTIONS = frozenset({"topk", "divprune", "hired", "vispruner", "cdpruner"})
+SELECTIONS = frozenset({"topk", "divprune", "hired", "vispruner", "cdpruner", "dycoke"})
 
 
 def reduce_companions(

@@ -9,7 +9,7 @@ diversity (:func:`divprune_select`, :func:`vispruner_select`,
 :func:`dpp_select` with :func:`instruction_relevance`); the image resized for the tower
 (:func:`resize_images`, :func:`downsampled_grid`, :func:`grid_centres`); duplication (:func:`dart_select`);
 text relevance (:func:`select_raters`, :func:`rater_relevance`, :func:`queries_attention`); recycling
-(:func:`dpc_merge`, :func:`recycled`).
+(:func:`dpc_merge`, :func:`recycled`); a video's frames pruned against each other (:func:`temporal_prune`).
 
 Example:
     >>> import torch
@@ -38,6 +38,7 @@ from .reduce import dominant_and_context, hired_official, hired_select, merge_to
 from .relevance import rater_relevance, select_raters
 from .resize import downsampled_grid, grid_centres, resize_images
 from .select import gather_tokens, left_pad, runs, topk_keep
+from .temporal import temporal_prune, temporal_prune_counts
 
 __all__ = [
     "apply_rope",
@@ -73,6 +74,8 @@ __all__ = [
     "runs",
     "select_raters",
     "share",
+    "temporal_prune",
+    "temporal_prune_counts",
     "tome_matching",
     "topk_keep",
     "vispruner_select",

@@ -322,3 +322,28 @@ def test_infeasible_budgets_are_refused_with_the_feasible_range():
     with (vtc.compressed(model, "dycoke", budget=0.3), pytest.raises(
             BudgetError, match=r"keeps 1 of this video's 2 frames whole.*feasible for this video: 10 to 19 tokens")):
         prefill_logits(model, inputs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_video_only_batch_equals_single_samples(family):
+    # Two samples, each a video alone (OneVision: 4 frames each; Qwen: 3 and 4 temporal groups).
+    model = _model(family)
+    if family == "llava_onevision":
+        batch = onevision_inputs(model, images=[[], []], videos=[[4], [4]], pad=[0, 3], seed=12)
+        names = ("pixel_values", "image_sizes", "batch_num_images")
+    else:
+        batch = qwen_inputs(model, images=[[], []], videos=[[(6, 8, 8)], [(8, 8, 8)]], seed=12)
+        names = ("pixel_values", "image_grid_thw")
+    singles = split_inputs(model, batch)
+    for sample in [batch, *singles]:
+        for name in names:
+            sample.pop(name, None)
+    assert all("pixel_values_videos" in sample for sample in singles)
+    with vtc.compressed(model, "dycoke"), torch.no_grad():
+        model(**batch)
+        kept = [k.numel() for k in vtc.stats(model).kept["vision"]]
+    per = 9 if family == "llava_onevision" else 16
+    cut = int(0.3 * per)
+    # 4 frames: 2 whole, 2 cut (and the newline); 3 groups: 1 whole, 1 cut, 1 dropped.
+    assert kept == ([2 * per + 2 * cut + 1] * 2 if family == "llava_onevision" else [per + cut, 2 * per + 2 * cut])
+    batch_equals_single_samples(model, batch, singles, "dycoke", steps=3)

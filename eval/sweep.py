@@ -104,7 +104,8 @@ class SweepSpec:
     """
 
     model: str = TOY_MODEL
-    methods: list[str] = field(default_factory=lambda: vtc.list_methods(standalone=True))
+    # Every method that runs on a budget alone and reduces images (the default tasks); video-only ones when named.
+    methods: list[str] = field(default_factory=lambda: vtc.list_methods(standalone=True, images=True))
     budgets: list[int | float] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
     tasks: list[str] = field(default_factory=lambda: ["toy_vqa"])
     limit: int | None = None

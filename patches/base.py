@@ -374,9 +374,11 @@ class Installation:
                         # Positions of the prompt the cache holds no row for (a uniform count: with
                         # unequal drops the shorter samples hold padding slots).
                         "offset": 0 if rows is None else total - rows.shape[1]}
-        sizes = [im.size for im in images if im.sample == 0]
+        first = [im for im in images if im.sample == 0]
+        sizes = [im.size for im in first]
         text = total - drafts - sum(sizes)
-        self.last_stats = make_stats(self.info, self.active_plan, text, sizes, kept, self.adapter.vision_hidden_size())
+        self.last_stats = make_stats(self.info, self.active_plan, text, sizes, kept, self.adapter.vision_hidden_size(),
+                                     keeps=[im.keeps for im in first])
 
     def _instructions(self, a: dict, ids: torch.Tensor, visual: torch.Tensor, images: list[Image], drafts: int) -> None:
         """Give each image the input embeddings of the instruction it is asked about (stages that read the text:
@@ -506,8 +508,10 @@ class Installation:
                 im.feats, im.index = reduced[j], im.index[local[j]]
                 if companions is not None:
                     im.companions = companions[j]
-                # Later stages keep no more than this one left (own_count, or pool's whole frames).
-                im.keeps[i:] = [min(k, im.index.numel()) for k in im.keeps[i:]]
+                # What this stage kept (a reducer sizing each image itself may keep more or fewer: own_count,
+                # pool's whole frames, dycoke's images); later stages keep no more than it left.
+                count = im.index.numel()
+                im.keeps[i:] = [count] + [min(k, count) for k in im.keeps[i + 1 :]]
         return [im.index for im in images]
 
     def _reduce_inputs(self, a: dict, rows: torch.Tensor, pad: torch.Tensor, ragged: bool, compact: bool):

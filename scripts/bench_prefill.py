@@ -85,7 +85,7 @@ def ideal_prefill(model, inputs, lengths: list[int]):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(vtc.list_methods(standalone=True)))
+    p.add_argument("--methods", default=None, help="default: every method (with --video: dycoke too)")
     p.add_argument("--family", default="llava",
                    choices=["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl"])
     p.add_argument("--video", type=int, default=0, help="llava_onevision: a video of this many frames, no image")
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         image_tokens = image_token_count(model, IMAGE.get(args.family))
     text = inputs["input_ids"].shape[1] - image_tokens
     configs = {"unpatched": (None, None)}
-    for method in args.methods.split(","):
+    names = args.methods.split(",") if args.methods else vtc.list_methods(standalone=True, images=not args.video)
+    for method in names:
         try:
             vtc.plan(model, method)
         except vtc.MethodNotApplicableError as e:

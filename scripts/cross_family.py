@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--write", action="store_true", help="replace the block of docs/results.md")
     args = p.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    methods = args.methods.split(",") if args.methods else vtc.list_methods(standalone=True)
+    methods = args.methods.split(",") if args.methods else vtc.list_methods(standalone=True, images=True)
     text = table([args.llava, args.qwen], methods, budgets)
     if args.write:
         write(ROOT / "docs" / "results.md", text)

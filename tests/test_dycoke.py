@@ -347,3 +347,31 @@ def test_video_only_batch_equals_single_samples(family):
     # 4 frames: 2 whole, 2 cut (and the newline); 3 groups: 1 whole, 1 cut, 1 dropped.
     assert kept == ([2 * per + 2 * cut + 1] * 2 if family == "llava_onevision" else [per + cut, 2 * per + 2 * cut])
     batch_equals_single_samples(model, batch, singles, "dycoke", steps=3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stats_count_what_entered_the_llm(family):
+    """vtc.stats (and a sweep's cost columns) report the tokens that entered, not the plan's count: images pass
+    whole, a video keeps what TTM kept of it."""
+    model = _model(family)
+    if family == "llava_onevision":
+        image_only = onevision_inputs(model, images=[[(70, 140)]], seed=5)
+        video_only = onevision_inputs(model, images=[[]], videos=[[8]], seed=5)
+        video_only.pop("pixel_values", None), video_only.pop("image_sizes", None)
+        video_only.pop("batch_num_images", None)
+    else:
+        image_only = qwen_inputs(model, images=[[(8, 8)]], seed=5)
+        video_only = qwen_inputs(model, images=[[]], videos=[[(16, 8, 8)]], seed=5)
+        video_only.pop("pixel_values", None), video_only.pop("image_grid_thw", None)
+    n_image = int((image_only["input_ids"] == model.config.image_token_id).sum())
+    n_video = int((video_only["input_ids"] == model.config.video_token_id).sum())
+    full, _ = _lm_call(model, video_only)
+    got, _ = _lm_call(model, video_only, "dycoke", keep_ratio=0.3)
+    kept = n_video - (full["inputs_embeds"].shape[1] - got["inputs_embeds"].shape[1])
+    with vtc.compressed(model, "dycoke", keep_ratio=0.3), torch.no_grad():
+        model(**image_only)
+        image = vtc.stats(model)
+        model(**video_only)
+        video = vtc.stats(model)
+    assert image.tokens_entering_llm == n_image and image.flops == image.flops_full
+    assert kept < n_video and video.tokens_entering_llm == kept and video.flops < video.flops_full

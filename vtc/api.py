@@ -154,15 +154,19 @@ def stats(model: nn.Module) -> Stats:
     return installation.last_stats
 
 
-def list_methods(standalone: bool = False) -> list[str]:
+def list_methods(standalone: bool = False, images: bool = False) -> list[str]:
     """Names of the registered methods; ``standalone=True``: only those that run on a budget
-    alone (not ``schedule``, which needs a schedule file).
+    alone (not ``schedule``, which needs a schedule file); ``images=True``: only those that reduce
+    images (not ``dycoke``, a video rule).
 
     Example:
         >>> "fastv" in vtc.list_methods(), "schedule" in vtc.list_methods(standalone=True)
         (True, False)
+        >>> "dycoke" in vtc.list_methods(images=True)
+        False
     """
-    return sorted(name for name, cls in methods().items() if not (standalone and cls.requires))
+    return sorted(name for name, cls in methods().items()
+                  if not (standalone and cls.requires) and not (images and cls.video_only))
 
 
 def list_models() -> list[str]:

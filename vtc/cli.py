@@ -134,7 +134,7 @@ def cmd_demo(args) -> None:
     model = llava15_shaped(width=args.width, vision_width=args.width)
     inputs = tiny_inputs(model, text=64)
     rows, fns = [], {"unpatched": lambda: timed(lambda: model(**inputs, logits_to_keep=1))}
-    for method in vtc.list_methods(standalone=True):
+    for method in vtc.list_methods(standalone=True, images=True):
         try:
             plan = vtc.plan(model, method, args.budget)
         except vtc.MethodNotApplicableError as e:

@@ -49,17 +49,19 @@ def _image_sizes(plan_or_info, images: int | list[int]) -> list[int]:
     return [plan_or_info.image_tokens] * images if isinstance(images, int) else list(images)
 
 
-def visual_per_layer(plan: Plan, images: int | list[int]) -> list[int]:
-    """Visual tokens of all images together at each layer."""
+def visual_per_layer(plan: Plan, images: int | list[int], keeps: list[list[int]] | None = None) -> list[int]:
+    """Visual tokens of all images together at each layer (``keeps``: each image's counts per stage as run,
+    instead of the plan's)."""
     sizes = _image_sizes(plan, images)
-    per_image = [plan.tokens_per_layer(n) for n in sizes]
+    per_image = [plan.tokens_per_layer(n, None if keeps is None else keeps[i]) for i, n in enumerate(sizes)]
     return [sum(c) for c in zip(*per_image)] if per_image else [0] * plan.num_layers
 
 
-def scoring_flops(info: ModelInfo, plan: Plan, text: int, images: int | list[int], vision_hidden: int = 0) -> float:
+def scoring_flops(info: ModelInfo, plan: Plan, text: int, images: int | list[int], vision_hidden: int = 0,
+                  keeps: list[list[int]] | None = None) -> float:
     """FLOPs the plan's scorers add to a prefill of ``text`` + visual tokens (``images``: a count
     of images of the plan's size, or each image's token count)."""
-    total, visual = 0.0, visual_per_layer(plan, images)
+    total, visual = 0.0, visual_per_layer(plan, images, keeps)
     sizes = _image_sizes(plan, images)
     hc, gc, d = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim, info.hidden_size
     for s in plan.stages:
@@ -94,9 +96,10 @@ def scoring_flops(info: ModelInfo, plan: Plan, text: int, images: int | list[int
 
 
 def prefill_flops(info: ModelInfo, plan: Plan | None, text: int, images: int | list[int],
-                  vision_hidden: int = 0) -> float:
+                  vision_hidden: int = 0, keeps: list[list[int]] | None = None) -> float:
     """Analytic prefill FLOPs of the LLM for one sequence with ``text`` tokens and ``images``
-    images (a count of images of the model's nominal size, or each image's token count).
+    images (a count of images of the model's nominal size, or each image's token count;
+    ``keeps``: each image's counts per stage as run, where they differ from the plan's).
 
     With ``plan=None``: the unreduced model.
 
@@ -108,8 +111,8 @@ def prefill_flops(info: ModelInfo, plan: Plan | None, text: int, images: int | l
     """
     if plan is None:
         return info.num_layers * layer_flops(info, text + sum(_image_sizes(info, images)))
-    layers = sum(layer_flops(info, text + n) for n in visual_per_layer(plan, images))
-    return layers + (scoring_flops(info, plan, text, images, vision_hidden) if images else 0.0)
+    layers = sum(layer_flops(info, text + n) for n in visual_per_layer(plan, images, keeps))
+    return layers + (scoring_flops(info, plan, text, images, vision_hidden, keeps) if images else 0.0)
 
 
 @dataclass
@@ -152,16 +155,16 @@ class Stats:
 
 
 def make_stats(info: ModelInfo, plan: Plan, text: int, images: int | list[int], kept=None,
-               vision_hidden: int = 0) -> Stats:
+               vision_hidden: int = 0, keeps: list[list[int]] | None = None) -> Stats:
     """The :class:`Stats` of a prefill with ``text`` tokens and ``images`` images under ``plan``
-    (a count of images of the nominal size, or each image's token count). Token counts are per
-    image: averages when images differ in size."""
+    (a count of images of the nominal size, or each image's token count; ``keeps``: what each
+    stage kept of each image as it ran). Token counts are per image: averages when images differ."""
     sizes = _image_sizes(info, images)
     count = len(sizes)
     if count == 0:
         per_layer, entering, size = [0] * info.num_layers, 0, info.image_tokens
     else:
-        per_layer = [v / count for v in visual_per_layer(plan, sizes)]
+        per_layer = [v / count for v in visual_per_layer(plan, sizes, keeps)]
         entering, size = per_layer[0], sum(sizes) / count
         if all(n == sizes[0] for n in sizes):
             per_layer, entering, size = [round(v) for v in per_layer], round(entering), sizes[0]
@@ -172,7 +175,7 @@ def make_stats(info: ModelInfo, plan: Plan, text: int, images: int | list[int], 
         size,
         entering,
         per_layer,
-        prefill_flops(info, plan, text, sizes, vision_hidden),
+        prefill_flops(info, plan, text, sizes, vision_hidden, keeps),
         prefill_flops(info, None, text, sizes),
         kept if kept is not None else {},  # layer stages fill it in as the prefill runs
     )

@@ -228,11 +228,12 @@ class Plan:
             keeps.append(last)
         return keeps
 
-    def tokens_per_layer(self, n: int | None = None) -> list[int]:
+    def tokens_per_layer(self, n: int | None = None, keeps: list[int] | None = None) -> list[int]:
         """Visual tokens per image that each decoder layer processes at prefill, for an image of
-        ``n`` tokens (default ``image_tokens``)."""
+        ``n`` tokens (default ``image_tokens``); ``keeps``: what each stage kept of it when it ran
+        (a reducer that sizes each image itself, as ``dycoke``, may keep other than :meth:`keeps_for`)."""
         n = self.image_tokens if n is None else n
-        keeps = self.keeps_for(n)
+        keeps = self.keeps_for(n) if keeps is None else keeps
         vision = [k for s, k in zip(self.stages, keeps) if s.layer is None]
         by_layer = {s.layer: k for s, k in zip(self.stages, keeps) if s.layer is not None}
         counts, n = [], vision[-1] if vision else n

@@ -28,6 +28,9 @@ class Method:
     # Parameters without which the method cannot compile (a schedule file): such methods are
     # left out of default sweeps and benchmarks.
     requires: ClassVar[tuple[str, ...]] = ()
+    # Reduces video only, images pass whole (dycoke): left out of default sweeps, which run image tasks,
+    # where its cells would be the full model under a budget's name; a sweep runs it when named.
+    video_only: ClassVar[bool] = False
 
     @classmethod
     def create(cls, **params) -> Method:

@@ -58,6 +58,7 @@ class DyCoke(Method):
     positions: str = "compact"
 
     default_ratio: ClassVar[float] = 0.3
+    video_only = True
 
     def compile(self, info: ModelInfo, budget=None) -> Plan:
         if not info.video:

@@ -130,8 +130,8 @@ class Stage1Heads(nn.Module):
         self.shape = nn.Linear(width, len(scenes.SHAPES) + 1)
 
 
-def stage1_batch(rng: random.Random, n: int) -> tuple[torch.Tensor, ...]:
-    scs = [scenes.make_scene(rng) for _ in range(n)]
+def stage1_batch(rng: random.Random, n: int, style: str = "flat") -> tuple[torch.Tensor, ...]:
+    scs = [scenes.make_scene(rng, style=style) for _ in range(n)]
     labels = [scenes.patch_labels(s) for s in scs]
     x = pixels([scenes.render(s) for s in scs])
     colors = torch.from_numpy(np.stack([c for c, _ in labels]))
@@ -156,12 +156,12 @@ def stage1_forward(tower: nn.Module, heads: Stage1Heads, batch: tuple[torch.Tens
 
 
 @torch.no_grad()
-def stage1_eval(tower: nn.Module, heads: Stage1Heads, seed: int, n: int = 384) -> dict:
+def stage1_eval(tower: nn.Module, heads: Stage1Heads, seed: int, n: int = 384, style: str = "flat") -> dict:
     tower.eval()
     rng = random.Random(f"{seed}-stage1-val")
     stats = {"color_obj": [], "shape_obj": [], "bg": [], "pairs": []}
     for _ in range(n // 32):
-        batch = stage1_batch(rng, 32)
+        batch = stage1_batch(rng, 32, style)
         _, c_logits, s_logits = stage1_forward(tower, heads, batch)
         _, colors, shapes, pairs = batch
         obj = shapes > 0
@@ -264,14 +264,14 @@ def cls_layers(tower: nn.Module) -> list[int]:
 
 
 @torch.no_grad()
-def stage1b_eval(tower: nn.Module, teacher: nn.Module, seed: int, n: int = 128) -> dict:
+def stage1b_eval(tower: nn.Module, teacher: nn.Module, seed: int, n: int = 128, style: str = "flat") -> dict:
     """Share of objects with a patch among the top 16 / 48 patches by [CLS] attention at the
     feature layer, and the features' drift from stage 1's (relative squared error)."""
     tower.eval()
     rng = random.Random(f"{seed}-stage1b-val")
     hits: dict[str, list[float]] = {"covered16": [], "covered48": [], "drift": []}
     for _ in range(n // 32):
-        scs = [scenes.make_scene(rng) for _ in range(32)]
+        scs = [scenes.make_scene(rng, style=style) for _ in range(32)]
         x = pixels([scenes.render(sc) for sc in scs])
         rows, feats = cls_attention_rows(tower, x, [tower.config.num_hidden_layers - 2])
         ref = teacher(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
@@ -316,7 +316,7 @@ def run_stage1b(args: argparse.Namespace, tower: nn.Module) -> dict:
         step = ck["step"]
         log(f"stage1b: resumed at step {step}/{args.cls_steps}")
     else:
-        log(f"stage1b: before, {stage1b_eval(tower, teacher, args.seed)}")
+        log(f"stage1b: before, {stage1b_eval(tower, teacher, args.seed, style=args.scene_style)}")
     tower.train()
 
     def snapshot(done: bool = False, metrics: dict | None = None) -> None:
@@ -328,7 +328,7 @@ def run_stage1b(args: argparse.Namespace, tower: nn.Module) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.cls_steps, args.lr1b, 20)
         rng = batch_rng(args.seed, "s1b", step)
-        scs = [scenes.make_scene(rng) for _ in range(args.batch1)]
+        scs = [scenes.make_scene(rng, style=args.scene_style) for _ in range(args.batch1)]
         x = pixels([scenes.render(sc) for sc in scs])
         shapes = torch.from_numpy(np.stack([scenes.patch_labels(sc)[1] for sc in scs]))
         target = (shapes > 0).float() / (shapes > 0).float().sum(-1, keepdim=True)
@@ -352,7 +352,7 @@ def run_stage1b(args: argparse.Namespace, tower: nn.Module) -> dict:
             last_save = time.time()
     for p in params:
         p.requires_grad_(False)
-    metrics = stage1b_eval(tower, teacher, args.seed)
+    metrics = stage1b_eval(tower, teacher, args.seed, style=args.scene_style)
     tower.config._attn_implementation = old_impl
     log(f"stage1b: done, {metrics}")
     snapshot(done=True, metrics=metrics)
@@ -372,7 +372,12 @@ def run_cache(args: argparse.Namespace, tower: nn.Module) -> dict:
     path = args.work / "features.pt"
     if path.exists():
         cache = torch.load(path, weights_only=False)
-        if cache["n"] == args.n_cache + args.n_val and cache.get("with_cls") and cache.get("tower") == tower_tag(args):
+        if (
+            cache["n"] == args.n_cache + args.n_val
+            and cache.get("with_cls")
+            and cache.get("tower") == tower_tag(args)
+            and cache.get("style", "flat") == args.scene_style
+        ):
             return cache
     tower.eval()
     rng = random.Random(f"{args.seed}-stage2-scenes")
@@ -380,7 +385,7 @@ def run_cache(args: argparse.Namespace, tower: nn.Module) -> dict:
     feats, colors, shapes, all_scenes = [], [], [], []
     t0 = time.time()
     for start in range(0, n, 64):
-        scs = [scenes.make_scene(rng) for _ in range(min(64, n - start))]
+        scs = [scenes.make_scene(rng, style=args.scene_style) for _ in range(min(64, n - start))]
         out = tower(pixel_values=pixels([scenes.render(s) for s in scs]), output_hidden_states=True)
         feats.append(out.hidden_states[-2].to(torch.float16))  # [CLS] kept in column 0
         labels = [scenes.patch_labels(s) for s in scs]
@@ -393,6 +398,7 @@ def run_cache(args: argparse.Namespace, tower: nn.Module) -> dict:
         "n": n,
         "with_cls": True,
         "tower": tower_tag(args),
+        "style": args.scene_style,
         "feats": torch.cat(feats),
         "colors": torch.cat(colors),
         "shapes": torch.cat(shapes),
@@ -452,13 +458,30 @@ def sample_turns(scene: scenes.Scene, rng: random.Random, n: int, kinds: dict[st
 
 
 def align_targets(v: Vocab, colors: torch.Tensor, shapes: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Soft targets per image token: half color word, half shape word; ``nothing`` for background."""
+    """Soft targets per image token: half color word, half shape word; ``nothing`` for background
+    (whose weight :func:`align_weights` sets)."""
     color_ids = torch.tensor([v.id["nothing"]] + [v.id[c] for c in scenes.COLOR_NAMES])
     shape_ids = torch.tensor([v.id["nothing"]] + [v.id[s] for s in scenes.SHAPES])
     t = torch.zeros(*colors.shape, vocab_size)
     t.scatter_add_(-1, color_ids[colors.long()].unsqueeze(-1), torch.full((*colors.shape, 1), 0.5))
     t.scatter_add_(-1, shape_ids[shapes.long()].unsqueeze(-1), torch.full((*colors.shape, 1), 0.5))
     return t
+
+
+def align_weights(shapes: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """Per image token, the weight of its alignment loss: object tokens 1; background tokens 0.25
+    (``--background-align word``: aligned to ``nothing``, the shipped toys) or 0 (``none``).
+
+    Why ``none`` gives background no target at all (rather than e.g. a uniform one): real VLMs never
+    tie background patches to a word, so their background tokens spread over whatever the LM makes
+    of them; the shipped toys' single ``nothing`` target made 81% of the image near-duplicates of one
+    word's embedding, so the text tokens those attend to most were ``?`` and ``ASSISTANT`` instead of
+    the question's words (docs/results.md, SparseVLM's raters).  A uniform target would instead pull
+    every background token towards one other point (the mean embedding), the same collapse.
+    """
+    if getattr(args, "background_align", "word") == "none":
+        return torch.where(shapes > 0, 1.0, 0.0)
+    return torch.where(shapes > 0, 1.0, 0.25)
 
 
 def make_batch(
@@ -569,7 +592,7 @@ def stage2_forward(
              output_hidden_states=True)
     span = slice(IMAGE_START, IMAGE_START + n_img)
     target = align_targets(v, batch["colors"], batch["shapes"], model.lm_head.out_features)
-    weight = torch.where(batch["shapes"] > 0, 1.0, 0.25)
+    weight = align_weights(batch["shapes"], args)
     align = 0.0
     for h in (lm.norm(out.hidden_states[args.align_layer][:, span]), out.last_hidden_state[:, span]):
         ce = -(target * F.log_softmax(model.lm_head(h), -1)).sum(-1)
@@ -645,9 +668,15 @@ def stage3_forward(model, v: Vocab, batch: dict, phys: dict, args: argparse.Name
     vocab = model.lm_head.out_features
     target = align_targets(v, batch["colors"], batch["shapes"], vocab)
     target = torch.cat([torch.zeros(target.shape[0], 1, vocab), target], 1)
-    weight = torch.cat([torch.zeros(w.shape[0], 1), torch.where(batch["shapes"] > 0, 1.0, 0.25)], 1)
+    weight = torch.cat([torch.zeros(w.shape[0], 1), align_weights(batch["shapes"], args)], 1)
     wn = w / w.sum(-1, keepdim=True).clamp(min=1e-9)
-    target = (wn @ target)[phys["valid"]]
+    if getattr(args, "background_align", "word") == "none":
+        # Background members carry no target: a merged token's target is the weighted mean of its
+        # object members' targets (its weight, below, their share of the token).
+        target = (wn * (weight > 0).unsqueeze(1)) @ target
+        target = (target / target.sum(-1, keepdim=True).clamp(min=1e-9))[phys["valid"]]
+    else:
+        target = (wn @ target)[phys["valid"]]
     weight = (wn @ weight.unsqueeze(-1)).squeeze(-1)[phys["valid"]] * phys["mask"][phys["slots"]]
     align = 0.0
     for h in (lm.norm(out.hidden_states[args.align_layer][phys["slots"]]), out.last_hidden_state[phys["slots"]]):
@@ -898,12 +927,14 @@ def run_final(args: argparse.Namespace, model, processor) -> dict:
     log(f"saved model + processor to {args.model_dir} ({size / 1e6:.1f} MB)")
     loaded, proc = toy.load(args.model_dir)
     result = {}
+    style = args.scene_style  # held-out questions of the style the model was trained on
     for name, kinds in (("required", scenes.REQUIRED_KINDS), ("extras", scenes.EXTRA_KINDS)):
         t0 = time.time()
-        result[name] = toy.evaluate(loaded, proc, toy.generate(args.n_eval, toy.EVAL_SEED, kinds=kinds))
-        log(f"held-out seed {toy.EVAL_SEED}, {name}: {result[name]} ({time.time() - t0:.0f}s)")
-    crude = crude_budget_check(loaded, proc, toy.generate(args.n_eval, toy.EVAL_SEED), keep=16)
+        result[name] = toy.evaluate(loaded, proc, toy.generate(args.n_eval, toy.EVAL_SEED, kinds=kinds, style=style))
+        log(f"held-out seed {toy.EVAL_SEED}, {style} scenes, {name}: {result[name]} ({time.time() - t0:.0f}s)")
+    crude = crude_budget_check(loaded, proc, toy.generate(args.n_eval, toy.EVAL_SEED, style=style), keep=16)
     crude["n"] = args.n_eval
+    crude["style"] = style
     log(f"crude 16-token preview (not the methods): {crude}")
     (args.work / "final_eval.json").write_text(json.dumps({**result, "crude_keep16": crude}, indent=2))
     if args.model_dir.resolve() == toy.MODEL_PATH.resolve():
@@ -934,9 +965,17 @@ class LlavaLayout:
 
     sequence = staticmethod(build_sequence)
     stage3_checks = STAGE3_CHECKS
-    stage1_batch = staticmethod(stage1_batch)
     stage1_forward = staticmethod(stage1_forward)
-    stage1_eval = staticmethod(stage1_eval)
+    style = "flat"  # the scenes' background style (scenes.STYLES)
+
+    def __init__(self, style: str = "flat"):
+        self.style = style
+
+    def stage1_batch(self, rng: random.Random, n: int) -> tuple[torch.Tensor, ...]:
+        return stage1_batch(rng, n, self.style)
+
+    def stage1_eval(self, tower: nn.Module, heads: Stage1Heads, seed: int, n: int = 384) -> dict:
+        return stage1_eval(tower, heads, seed, n, self.style)
 
     def stage1_heads(self, tower: nn.Module) -> Stage1Heads:
         return Stage1Heads(tower.config.hidden_size)
@@ -965,7 +1004,18 @@ class LlavaLayout:
 
 def layout(args: argparse.Namespace) -> LlavaLayout:
     """The family layout of this run (LLaVA unless a sibling script set ``args.layout``)."""
-    return getattr(args, "layout", None) or LlavaLayout()
+    return getattr(args, "layout", None) or LlavaLayout(getattr(args, "scene_style", "flat"))
+
+
+def check_model_dir(args: argparse.Namespace) -> None:
+    """Refuse to write a model of other data or shape over a shipped toy (toy v3 goes to a new folder)."""
+    shipped = {toy.MODEL_PATH.resolve(), toy.QWEN_MODEL_PATH.resolve()}
+    other = args.scene_style != "flat" or args.background_align != "word" or args.text_layers != 8
+    if other and args.model_dir.resolve() in shipped:
+        raise SystemExit(
+            f"--model-dir {args.model_dir} is a shipped toy; give a new folder for --scene-style/--background-align/"
+            "--text-layers other than the defaults (e.g. --model-dir eval/toy/model-v3)"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -978,8 +1028,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vision-layers", type=int, default=5)
     p.add_argument("--vision-width", type=int, default=128)
-    p.add_argument("--text-layers", type=int, default=8)
+    p.add_argument("--text-layers", type=int, default=8, help="LM layers (toy v3: 16)")
     p.add_argument("--text-width", type=int, default=128)
+    p.add_argument(
+        "--scene-style", choices=scenes.STYLES, default="flat",
+        help="scene backgrounds of every stage and of the final evaluation (toy v3: textured)",
+    )
+    p.add_argument(
+        "--background-align", choices=("word", "none"), default="word",
+        help="background image tokens aligned to the word 'nothing' (weight 0.25), or not at all (toy v3: none)",
+    )
     p.add_argument("--stage1-steps", type=int, default=900)
     p.add_argument("--batch1", type=int, default=32)
     p.add_argument("--gate", type=float, default=0.9, help="per-patch shape accuracy (object patches) to pass")
@@ -1026,6 +1084,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_model_dir(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)

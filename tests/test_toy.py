@@ -307,10 +307,10 @@ def test_asked_tokens_are_the_named_objects_patches(records):
 
 @pytest.mark.parametrize("family", list(toy.MODEL_PATHS))
 def test_shipped_toys_answer_from_the_asked_object(family):
-    """The instrument reads the asked object from its own tokens: random at 1/9 keeps the answers whose
-    object kept a token and loses those whose object lost every token (the LLaVA toy: 1.0 and 0.42 on
-    these 160 questions; colors and shapes are 1 in 5 and 1 in 4). A tower that spreads objects over
-    the background (the first Qwen toy: 0.85) would make random pruning look free."""
+    """The instrument reads the asked object from its own tokens: under random at 1/9, the color and shape
+    questions whose object kept no token showing any pixel of it are answered near chance (1 in 5, 1 in 4):
+    the LLaVA toy 0.37, the Qwen toy 0.35 on these 49 of 320, those that kept one 0.90 / 0.96. A tower that
+    spreads objects over the background (the first Qwen toy: 0.84) would make random pruning look free."""
     if not (toy.MODEL_PATHS[family] / "config.json").is_file():
         pytest.skip(f"the {family} toy is not shipped ({toy.MODEL_PATHS[family]} missing)")
     import torch
@@ -319,8 +319,8 @@ def test_shipped_toys_answer_from_the_asked_object(family):
 
     torch.set_num_threads(1)
     model, processor = toy.load(family=family)
-    recs = [r for r in toy.generate(240, toy.EVAL_SEED + 3) if r.kind in ("color", "shape")]
+    recs = [r for r in toy.generate(480, toy.EVAL_SEED + 3) if r.kind in ("color", "shape")]
     with vtc.compressed(model, "random", budget=1 / 9):
         groups = toy.answers_without_the_object(model, processor, recs)
-    assert groups["dropped"]["n"] >= 30 and groups["kept"]["n"] >= 60, groups
-    assert groups["kept"]["overall"] >= 0.95 and groups["dropped"]["overall"] <= 0.6, groups
+    assert groups["dropped"]["n"] >= 30 and groups["kept"]["n"] >= 200, groups
+    assert groups["kept"]["overall"] >= 0.85 and groups["dropped"]["overall"] <= 0.5, groups

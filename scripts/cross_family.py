@@ -74,6 +74,9 @@ def table(outs: list[Path], methods: list[str], budgets: list[float]) -> str:
         if any(c != "n/a" for c in cells):
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines.append("")
+    lines.append("Why a cell is n/a (the sweep's reasons; a fraction of the tokens is checked on the plan's reference "
+                 "image, 1,024 tokens on Qwen2.5-VL, and every image keeps the same fraction):")
+    lines.append("")
     for where, why in notes.items():
         lines.append(f"* n/a, {where}: {why}")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ every stage and the questions whose asked object lost every patch.
   than 32 layers do.
 
     python scripts/toy_in_llm.py --n 500 --only sparsevlm,dart,why,matched
+    python scripts/toy_in_llm.py --n 500 --only dart,why --family qwen2_5_vl
 """
 
 from __future__ import annotations
@@ -122,9 +123,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=60, help="held-out questions (seed toy.EVAL_SEED)")
     p.add_argument("--budget", type=float, default=48, help="tokens per image (int) or a fraction")
     p.add_argument("--only", default="sparsevlm,dart,matched")
+    p.add_argument("--family", default="llava", choices=sorted(toy.MODEL_PATHS), help="which toy")
     args = p.parse_args()
     torch.set_num_threads(1)
-    model, processor = toy.load()
+    model, processor = toy.load(family=args.family)
     records = toy.generate(args.n, seed=toy.EVAL_SEED)
     budget = int(args.budget) if args.budget > 1 else args.budget
     variants = {

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import math
 import random
-import sys
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +15,7 @@ import torch
 from vtc.eval import toy
 from vtc.eval.toy import build, scenes
 
-ROOT = Path(__file__).resolve().parents[1]
+from .test_toy import _train_script
 
 # Recorded with the code before the style option existed (commit 4b092f2): sha256 of the 50
 # images' bytes and their pixel sum, for generate(50, seed) at default settings.
@@ -136,15 +132,6 @@ def test_unknown_style_is_refused():
 
 
 # ------------------------------------------------------------------------ train_toy.py
-
-
-def _train_script() -> types.ModuleType:
-    if str(ROOT / "scripts") not in sys.path:
-        sys.path.insert(0, str(ROOT / "scripts"))  # train_toy imports toy_shorten from beside it
-    spec = importlib.util.spec_from_file_location("train_toy", ROOT / "scripts" / "train_toy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 V3 = ["--scene-style", "textured", "--background-align", "none", "--text-layers", "16"]

@@ -15,17 +15,10 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
+from train_toy import pair_targets  # scripts/train_toy.py, beside this file
 
 from vtc.eval import toy
 from vtc.eval.toy import scenes
-
-
-def pair_targets(scene: scenes.Scene) -> np.ndarray:
-    """Multi-hot over (color, shape): which pairs the scene holds."""
-    target = np.zeros(len(toy.COLOR_NAMES) * len(toy.SHAPES), dtype=np.float32)
-    for o in scene.objects:
-        target[toy.COLOR_NAMES.index(o.color) * len(toy.SHAPES) + toy.SHAPES.index(o.shape)] = 1
-    return target
 
 
 @torch.no_grad()

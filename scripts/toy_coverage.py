@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from toy_in_llm import run  # scripts/toy_in_llm.py, beside this file
 
 import vtc
 from vtc.eval import toy
@@ -19,15 +20,8 @@ from vtc.eval import toy
 
 def coverage(model, processor, method: str, budget: float, records: list) -> tuple[float, float]:
     """Mean accuracy and mean share of object patches kept at the last stage, over ``records``."""
-    correct, shares = 0.0, []
-    with vtc.compressed(model, method, budget=budget):
-        for record in records:
-            prediction = toy.answer(model, processor, [record])[0]
-            correct += toy.score([record], [prediction])["overall"]
-            kept = list(vtc.stats(model).kept.values())[-1][0].cpu()
-            objects = torch.as_tensor(toy.patch_labels(record.scene)[1]).flatten() > 0
-            shares.append(float(objects[kept].sum() / objects.sum()))
-    return correct / len(records), sum(shares) / len(shares)
+    result = run(model, processor, records, method, budget, {})
+    return result["accuracy"], float(result["objects"][-1])
 
 
 def main() -> None:
